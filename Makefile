@@ -1,0 +1,48 @@
+# uexportd - see README.  Plain make: no configure step, no libraries.
+CC      ?= cc
+CFLAGS  ?= -O2 -g
+CFLAGS  += -std=gnu11 -Wall -Wextra -D_FILE_OFFSET_BITS=64
+LDLIBS  += -lpthread
+PREFIX  ?= /usr/local
+DESTDIR ?=
+
+all: uexportd tests/fsops
+
+uexportd: uexportd.c fuse_kernel.h
+	$(CC) $(CFLAGS) $(LDFLAGS) -o $@ uexportd.c $(LDLIBS)
+
+# Fully static binaries for initramfs and minimal images.
+static: uexportd.c fuse_kernel.h
+	$(CC) $(CFLAGS) -static -o uexportd-static uexportd.c $(LDLIBS)
+
+# musl-gcc does not search the system's kernel headers; point it at them only.
+MUSL_KHDR := $(firstword $(wildcard /usr/include/$(shell $(CC) -dumpmachine 2>/dev/null)/asm) /usr/include/asm)
+static-musl: uexportd.c fuse_kernel.h
+	rm -rf .musl-include && mkdir -p .musl-include
+	ln -s /usr/include/linux /usr/include/asm-generic .musl-include/
+	ln -s $(MUSL_KHDR) .musl-include/asm
+	musl-gcc $(CFLAGS) -isystem .musl-include -static -o uexportd-musl uexportd.c
+	rm -rf .musl-include
+
+tests/fsops: tests/fsops.c
+	$(CC) $(CFLAGS) -o $@ $<
+
+check: all
+	tests/run.sh
+
+check-long: all
+	LONG=1 tests/run.sh
+
+demo: uexportd
+	tests/demo.sh
+
+bench: all
+	tests/bench.sh
+
+install: uexportd
+	install -D -m 0755 uexportd $(DESTDIR)$(PREFIX)/bin/uexportd
+
+clean:
+	rm -rf uexportd uexportd-static uexportd-musl tests/fsops .musl-include
+
+.PHONY: all static static-musl check check-long demo bench install clean

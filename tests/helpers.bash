@@ -1,0 +1,75 @@
+# Shared helpers for the uexportd bats suite.
+#
+# UEXPORTD_TRANSPORT=uring|dev-fuse picks the transport every export in the
+# run must use; each start asserts the start-up line names it, so a silent
+# fallback cannot pass as the other transport.
+
+TOP=$(cd "$BATS_TEST_DIRNAME/.." && pwd)
+UEXPORTD=${UEXPORTD:-$TOP/uexportd}
+FSOPS=$TOP/tests/fsops
+UEXPORTD_TRANSPORT=${UEXPORTD_TRANSPORT:-dev-fuse}
+
+transport_opt() {
+	if [ "$UEXPORTD_TRANSPORT" = uring ]; then echo --io-uring=on; else echo --io-uring=off; fi
+}
+
+# wait_until SECONDS CMD...: poll CMD every 20 ms until it succeeds.
+wait_until() {
+	local limit=$1; shift
+	local deadline=$(( $(date +%s%N) + limit * 1000000000 ))
+	until "$@"; do
+		[ "$(date +%s%N)" -lt "$deadline" ] || return 1
+		sleep 0.02
+	done
+}
+
+is_mounted() { grep -q " $(realpath "$1") fuse" /proc/mounts; }
+not_mounted() { ! is_mounted "$1"; }
+pid_gone() { ! kill -0 "$1" 2>/dev/null; }
+
+# A scratch dir on a disk file system (ext4 here) rather than tmpfs: tmpfs
+# lacks ZERO_RANGE and has different SEEK_DATA granularity.
+setup() {
+	W=$BATS_TEST_TMPDIR
+	IMG=$W/disk.raw
+	MNT=$W/disk.file
+	PIDFILE=$W/uexportd.pid
+	LOG=$W/uexportd.log
+	touch "$MNT"
+}
+
+# start_export [OPTIONS...] IMAGE MOUNTPOINT: daemonize with a pidfile; the
+# parent returns only once the mount is live.  Sets DPID.
+start_export() {
+	"$UEXPORTD" $(transport_opt) -v -p "$PIDFILE" "$@" 2>"$LOG" || {
+		cat "$LOG" >&2; return 1; }
+	DPID=$(cat "$PIDFILE")
+	is_mounted "${@: -1}" || { echo "not mounted after start" >&2; return 1; }
+	grep -q "transport=$UEXPORTD_TRANSPORT" "$LOG" || {
+		echo "expected transport=$UEXPORTD_TRANSPORT:" >&2; cat "$LOG" >&2; return 1; }
+}
+
+# stop_export: SIGTERM, then the daemon must exit 0 and the mount be gone.
+stop_export() {
+	local mnt=${1:-$MNT}
+	kill -TERM "$DPID"
+	wait_until 20 pid_gone "$DPID" || { echo "daemon $DPID did not exit" >&2; return 1; }
+	wait_until 5 not_mounted "$mnt"
+	[ ! -e "$PIDFILE" ] || { echo "pidfile left behind" >&2; return 1; }
+}
+
+teardown() {
+	local pid
+	[ -f "$PIDFILE" ] && pid=$(cat "$PIDFILE") && kill -9 "$pid" 2>/dev/null
+	for m in $(grep " $BATS_TEST_TMPDIR" /proc/mounts | awk '{print $2}' | sort -r); do
+		umount -l "$m" 2>/dev/null || true
+	done
+	[ -n "${FUSE_DEV_MODE:-}" ] && chmod "$FUSE_DEV_MODE" /dev/fuse
+	true
+}
+
+require_root() { [ "$(id -u)" = 0 ] || skip "needs root"; }
+require_cmd() { command -v "$1" >/dev/null || skip "needs $1"; }
+
+# Random file of SIZE bytes.
+random_file() { head -c "$2" /dev/urandom > "$1"; }

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Run the bats suite once per available transport.  As root on Debian it
+# installs what the tests need and turns on fuse.enable_uring.
+set -u
+cd "$(dirname "$0")/.."
+
+need=()
+command -v bats >/dev/null || need+=(bats)
+command -v fusermount3 >/dev/null || need+=(fuse3)
+command -v fio >/dev/null || need+=(fio)
+command -v xfs_io >/dev/null || need+=(xfsprogs)
+command -v mkfs.ext4 >/dev/null || need+=(e2fsprogs)
+if [ ${#need[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+	echo "installing: ${need[*]}"
+	apt-get update -qq >/dev/null 2>&1
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null 2>&1 ||
+		echo "warning: apt-get install ${need[*]} failed"
+fi
+command -v bats >/dev/null || { echo "bats not found: install bats"; exit 1; }
+[ -e /dev/fuse ] || modprobe fuse 2>/dev/null
+
+param=/sys/module/fuse/parameters/enable_uring
+if [ -w "$param" ] && [ "$(cat $param)" != Y ]; then
+	echo Y > "$param" 2>/dev/null && echo "enabled $param"
+fi
+
+transports=(dev-fuse)
+[ -n "${TRANSPORTS:-}" ] && read -r -a transports <<<"$TRANSPORTS"
+
+export BATS_TEST_TIMEOUT=${BATS_TEST_TIMEOUT:-180}
+passed=0 failed=0 skipped=0 rc=0
+for t in "${transports[@]}"; do
+	echo "=== transport: $t ==="
+	out=$(mktemp)
+	UEXPORTD_TRANSPORT=$t bats --tap tests/*.bats | tee "$out"
+	[ "${PIPESTATUS[0]}" = 0 ] || rc=1
+	p=$(grep -c '^ok ' "$out"); s=$(grep -c '^ok .* # skip' "$out"); f=$(grep -c '^not ok ' "$out")
+	passed=$((passed + p - s)) skipped=$((skipped + s)) failed=$((failed + f))
+	rm -f "$out"
+done
+echo "$passed passed, $failed failed, $skipped skipped"
+exit $rc

@@ -1,0 +1,1953 @@
+// SPDX-License-Identifier: BSD-2-Clause
+/*
+ * uexportd - export a raw disk image as one regular file through FUSE.
+ *
+ * The image (a regular file, a block device, or the "null:SIZE" test backend)
+ * appears at MOUNTPOINT, itself an existing regular file the export is mounted
+ * on top of, byte for byte.  Requests are answered by transport-independent
+ * handlers; the transports only move bytes between the kernel and them:
+ *
+ *   - FUSE-over-io_uring (Linux 6.14+, fuse.enable_uring=Y): one ring and one
+ *     pinned thread per possible CPU, image I/O submitted to the same ring;
+ *   - classic /dev/fuse read()/write(): one pinned thread per CPU, each with
+ *     its own cloned device fd where the kernel allows it.
+ *
+ * Only libc and kernel uapi headers are used; the FUSE wire structures come
+ * from our own fuse_kernel.h.  Sections, bottom-up:
+ *
+ *   platform wrappers -> types -> FUSE request handlers -> image backend ->
+ *   /dev/fuse transport -> mount/unmount -> lifecycle -> options and main
+ */
+#define _GNU_SOURCE
+#include <ctype.h>
+#include <stddef.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <getopt.h>
+#include <limits.h>
+#include <pthread.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <syslog.h>
+#include <time.h>
+#include <unistd.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/mount.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/statfs.h>
+#include <sys/sysmacros.h>
+#include <sys/types.h>
+#include <sys/uio.h>
+#include <sys/un.h>
+#include <sys/wait.h>
+
+#include "fuse_kernel.h"
+
+#define UEXPORTD_VERSION	"0.1"
+
+/* Kernel uapi values not every libc exports (linux/fs.h, linux/falloc.h). */
+#ifndef BLKGETSIZE64
+#define BLKGETSIZE64		_IOR(0x12, 114, size_t)
+#endif
+#ifndef BLKSSZGET
+#define BLKSSZGET		_IO(0x12, 104)
+#endif
+#ifndef FALLOC_FL_KEEP_SIZE
+#define FALLOC_FL_KEEP_SIZE	0x01
+#endif
+#ifndef FALLOC_FL_PUNCH_HOLE
+#define FALLOC_FL_PUNCH_HOLE	0x02
+#endif
+#ifndef FALLOC_FL_ZERO_RANGE
+#define FALLOC_FL_ZERO_RANGE	0x10
+#endif
+#ifndef SEEK_DATA
+#define SEEK_DATA		3
+#define SEEK_HOLE		4
+#endif
+
+#define MAX_PAYLOAD		(1u << 20)	/* largest READ/WRITE we negotiate */
+#define MAX_QUEUE_DEPTH		1024
+#define DEFAULT_QUEUE_DEPTH	64
+#define SHUTDOWN_GRACE_MS	3000	/* clients still holding the file */
+
+_Static_assert(sizeof(struct fuse_in_header) == 40, "fuse_in_header");
+_Static_assert(sizeof(struct fuse_out_header) == 16, "fuse_out_header");
+_Static_assert(sizeof(struct fuse_init_in) == 64, "fuse_init_in");
+_Static_assert(sizeof(struct fuse_init_out) == 64, "fuse_init_out");
+_Static_assert(sizeof(struct fuse_attr_out) == 104, "fuse_attr_out");
+_Static_assert(sizeof(struct fuse_setattr_in) == 88, "fuse_setattr_in");
+_Static_assert(sizeof(struct fuse_read_in) == 40, "fuse_read_in");
+_Static_assert(sizeof(struct fuse_write_in) == 40, "fuse_write_in");
+_Static_assert(sizeof(struct fuse_kstatfs) == 80, "fuse_kstatfs");
+_Static_assert(sizeof(struct fuse_fallocate_in) == 32, "fuse_fallocate_in");
+_Static_assert(sizeof(struct fuse_lseek_in) == 24, "fuse_lseek_in");
+
+/* ======================================================================
+ * Platform: logging, small syscall helpers, parsing
+ *
+ * Everything below returns -errno on failure; only the boundary (main, a
+ * thread's top level) logs, once, with context.
+ * ====================================================================== */
+
+static bool log_syslog;		/* stderr is gone once daemonized */
+static bool log_verbose;
+static bool log_debug;
+
+static void log_vmsg(int prio, const char *fmt, va_list ap)
+{
+	char line[512];
+
+	vsnprintf(line, sizeof(line), fmt, ap);
+	if (log_syslog)
+		syslog(prio, "%s", line);
+	else
+		fprintf(stderr, "uexportd: %s\n", line);
+}
+
+static void __attribute__((format(printf, 1, 2))) log_err(const char *fmt, ...)
+{
+	va_list ap;
+
+	va_start(ap, fmt);
+	log_vmsg(LOG_ERR, fmt, ap);
+	va_end(ap);
+}
+
+static void __attribute__((format(printf, 1, 2))) log_info(const char *fmt, ...)
+{
+	va_list ap;
+
+	if (!log_verbose)
+		return;
+	va_start(ap, fmt);
+	log_vmsg(LOG_INFO, fmt, ap);
+	va_end(ap);
+}
+
+static uint64_t now_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+static void sleep_ms(unsigned ms)
+{
+	struct timespec ts = { ms / 1000, (long)(ms % 1000) * 1000000L };
+
+	while (nanosleep(&ts, &ts) < 0 && errno == EINTR)
+		;
+}
+
+/* Full pread/pwrite: a regular file may return short counts before EOF. */
+static ssize_t pread_full(int fd, void *buf, size_t len, off_t off)
+{
+	size_t done = 0;
+
+	while (done < len) {
+		ssize_t n = pread(fd, (char *)buf + done, len - done, off + (off_t)done);
+
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n < 0)
+			return done ? (ssize_t)done : -errno;
+		if (n == 0)
+			break;
+		done += (size_t)n;
+	}
+	return (ssize_t)done;
+}
+
+static ssize_t pwrite_full(int fd, const void *buf, size_t len, off_t off)
+{
+	size_t done = 0;
+
+	while (done < len) {
+		ssize_t n = pwrite(fd, (const char *)buf + done, len - done, off + (off_t)done);
+
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n < 0)
+			return done ? (ssize_t)done : -errno;
+		done += (size_t)n;
+	}
+	return (ssize_t)done;
+}
+
+static int write_file(const char *path, const char *text)
+{
+	int fd = open(path, O_WRONLY | O_CLOEXEC);
+	ssize_t n;
+
+	if (fd < 0)
+		return -errno;
+	n = write(fd, text, strlen(text));
+	n = n < 0 ? -errno : 0;
+	close(fd);
+	return (int)n;
+}
+
+static int read_small_file(const char *path, char *buf, size_t cap)
+{
+	int fd = open(path, O_RDONLY | O_CLOEXEC);
+	ssize_t n;
+
+	if (fd < 0)
+		return -errno;
+	n = read(fd, buf, cap - 1);
+	close(fd);
+	if (n < 0)
+		return -errno;
+	buf[n] = '\0';
+	return (int)n;
+}
+
+/* Anonymous memory, faulted in on first touch: payload buffers cost RSS only
+ * when a request that large actually arrives. */
+static void *buffer_alloc(size_t len)
+{
+	void *p = mmap(NULL, len, PROT_READ | PROT_WRITE,
+		       MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+
+	return p == MAP_FAILED ? NULL : p;
+}
+
+static size_t page_size(void)
+{
+	static size_t ps;
+
+	if (!ps)
+		ps = (size_t)sysconf(_SC_PAGESIZE);
+	return ps;
+}
+
+static size_t round_up(size_t v, size_t to)
+{
+	return (v + to - 1) / to * to;
+}
+
+/* "4096", "64K", "1G": binary suffixes K M G T.  Rejects overflow. */
+static int parse_size(const char *s, uint64_t *out)
+{
+	char *end;
+	unsigned long long v;
+	int shift = 0;
+
+	if (!isdigit((unsigned char)*s))
+		return -EINVAL;
+	errno = 0;
+	v = strtoull(s, &end, 10);
+	if (errno)
+		return -EINVAL;
+	switch (toupper((unsigned char)*end)) {
+	case 'K': shift = 10; end++; break;
+	case 'M': shift = 20; end++; break;
+	case 'G': shift = 30; end++; break;
+	case 'T': shift = 40; end++; break;
+	}
+	if (*end || v > ((uint64_t)INT64_MAX >> shift))
+		return -EINVAL;
+	*out = (uint64_t)v << shift;
+	return 0;
+}
+
+/* ======================================================================
+ * Types shared by the layers below
+ * ====================================================================== */
+
+enum backend { BACKEND_FILE, BACKEND_BLOCKDEV, BACKEND_NULL };
+
+/*
+ * The exported image.  Fields above the line are set before the first
+ * request and never change; below it, state shared by all serving threads.
+ */
+struct image {
+	const char *path;		/* as given, for messages */
+	enum backend backend;
+	bool writable, growable, direct;
+	int fd;				/* O_DIRECT when --direct */
+	int fd_buffered;		/* for I/O that O_DIRECT cannot do; == fd otherwise */
+	uint32_t align;			/* O_DIRECT alignment of offset, length, buffer */
+	bool allow_chown;		/* uid/gid may change: only with allow_other */
+	/* ---- */
+	_Atomic uint64_t size;		/* authoritative file size */
+	_Atomic uint32_t mode;		/* permission bits of the exported file */
+	_Atomic uint32_t uid, gid;
+	pthread_mutex_t times_lock;	/* times of non-file backends */
+	struct timespec atime, mtime, ctime;
+};
+
+/*
+ * One request, as parsed by a transport.  'arg' is the opcode's fixed
+ * argument struct; 'data' holds what follows it (the WRITE payload).  Both
+ * point into the transport's buffers and are valid until the reply is sent.
+ */
+struct fuse_req {
+	const struct fuse_in_header *in;
+	const void *arg;
+	size_t arg_len;
+	const void *data;
+	size_t data_len;
+};
+
+/*
+ * The reply a handler fills: 'out' is the transport's buffer for everything
+ * after the fuse_out_header (READ data lands there directly), 'out_cap' its
+ * size.  A nonzero error means no payload is sent.
+ */
+struct fuse_reply {
+	int error;
+	bool none;		/* FORGET, INTERRUPT: the kernel expects no reply */
+	void *out;
+	size_t out_cap;
+	size_t out_len;
+};
+
+/* A READ or WRITE against the image, prepared by the protocol layer and run
+ * synchronously or through a ring by the transport. */
+struct image_io {
+	bool write;
+	int fd;
+	uint64_t off;
+	uint32_t len;
+	void *buf;
+};
+
+static struct image img;
+
+/* Negotiated at INIT; fixed afterwards. */
+static uint32_t fuse_max_write;
+static uint32_t fuse_proto_minor;
+
+/* Image backend entry points used by the handlers (defined further down). */
+static int image_getattr(struct fuse_attr *attr);
+static int image_truncate(uint64_t size);
+static int image_set_times(const struct fuse_setattr_in *in);
+static int image_fallocate(uint32_t mode, uint64_t off, uint64_t len);
+static int64_t image_seek(uint64_t off, uint32_t whence);
+static int image_statfs(struct fuse_kstatfs *st);
+static int image_sync(bool datasync);
+static int image_fd_for(uint64_t off, uint32_t len, const void *buf);
+static void image_size_grow(uint64_t end);
+static ssize_t image_io_sync(const struct image_io *io);
+
+/* ======================================================================
+ * FUSE protocol: transport-independent request handlers
+ *
+ * Each handler checks its argument sizes (a short request gets EINVAL and
+ * nothing outside the request buffer is ever read), does the work and fills
+ * 'rep'.  Reply sizes are exact: the io_uring transport sends out_len bytes
+ * and the kernel rejects a mismatch.
+ * ====================================================================== */
+
+static const char *fuse_opcode_name(uint32_t op)
+{
+	static const char *const names[] = {
+		[FUSE_LOOKUP] = "LOOKUP", [FUSE_FORGET] = "FORGET",
+		[FUSE_GETATTR] = "GETATTR", [FUSE_SETATTR] = "SETATTR",
+		[FUSE_OPEN] = "OPEN", [FUSE_READ] = "READ", [FUSE_WRITE] = "WRITE",
+		[FUSE_STATFS] = "STATFS", [FUSE_RELEASE] = "RELEASE",
+		[FUSE_FSYNC] = "FSYNC", [FUSE_SETXATTR] = "SETXATTR",
+		[FUSE_GETXATTR] = "GETXATTR", [FUSE_LISTXATTR] = "LISTXATTR",
+		[FUSE_REMOVEXATTR] = "REMOVEXATTR", [FUSE_FLUSH] = "FLUSH",
+		[FUSE_INIT] = "INIT", [FUSE_ACCESS] = "ACCESS",
+		[FUSE_INTERRUPT] = "INTERRUPT", [FUSE_DESTROY] = "DESTROY",
+		[FUSE_IOCTL] = "IOCTL", [FUSE_POLL] = "POLL",
+		[FUSE_BATCH_FORGET] = "BATCH_FORGET", [FUSE_FALLOCATE] = "FALLOCATE",
+		[FUSE_LSEEK] = "LSEEK", [FUSE_COPY_FILE_RANGE] = "COPY_FILE_RANGE",
+		[FUSE_STATX] = "STATX", [FUSE_COPY_FILE_RANGE_64] = "COPY_FILE_RANGE_64",
+	};
+
+	if (op < sizeof(names) / sizeof(names[0]) && names[op])
+		return names[op];
+	return "?";
+}
+
+/* Size of the fixed argument struct that starts each opcode's request. */
+static size_t fuse_arg_size(uint32_t op)
+{
+	switch (op) {
+	case FUSE_INIT:		return sizeof(struct fuse_init_in);
+	case FUSE_GETATTR:	return sizeof(struct fuse_getattr_in);
+	case FUSE_SETATTR:	return sizeof(struct fuse_setattr_in);
+	case FUSE_OPEN:		return sizeof(struct fuse_open_in);
+	case FUSE_READ:		return sizeof(struct fuse_read_in);
+	case FUSE_WRITE:	return sizeof(struct fuse_write_in);
+	case FUSE_RELEASE:	return sizeof(struct fuse_release_in);
+	case FUSE_FSYNC:	return sizeof(struct fuse_fsync_in);
+	case FUSE_FLUSH:	return sizeof(struct fuse_flush_in);
+	case FUSE_ACCESS:	return sizeof(struct fuse_access_in);
+	case FUSE_FALLOCATE:	return sizeof(struct fuse_fallocate_in);
+	case FUSE_LSEEK:	return sizeof(struct fuse_lseek_in);
+	default:		return 0;
+	}
+}
+
+static void *fuse_reply_buf(struct fuse_reply *rep, size_t len)
+{
+	if (len > rep->out_cap) {
+		rep->error = -EIO;
+		return NULL;
+	}
+	memset(rep->out, 0, len);
+	rep->out_len = len;
+	return rep->out;
+}
+
+#define FUSE_ARG(req, type) \
+	((req)->arg_len >= sizeof(type) ? (const type *)(req)->arg : NULL)
+
+static void fuse_reply_attr(struct fuse_reply *rep)
+{
+	struct fuse_attr_out *out = fuse_reply_buf(rep, sizeof(*out));
+
+	if (!out)
+		return;
+	/* attr_valid 0: the size and st_blocks change behind the kernel's back
+	 * (fallocate, growth); a GETATTR is cheap next to a stale stat. */
+	rep->error = image_getattr(&out->attr);
+}
+
+/* GETATTR: the one inode; size authoritative, st_blocks from the image. */
+static void fuse_getattr(const struct fuse_req *req, struct fuse_reply *rep)
+{
+	(void)req;
+	fuse_reply_attr(rep);
+}
+
+/*
+ * SETATTR: size (shrink when writable, grow only with --growable), mode
+ * (never +w on a read-only export), uid/gid (only with allow_other, as QEMU
+ * does, so an owner cannot lock itself out), atime/mtime.  FH, LOCKOWNER and
+ * CTIME carry no request of their own.
+ */
+static void fuse_setattr(const struct fuse_req *req, struct fuse_reply *rep)
+{
+	const struct fuse_setattr_in *in = FUSE_ARG(req, struct fuse_setattr_in);
+	uint32_t v;
+	int err = 0;
+
+	if (!in) {
+		rep->error = -EINVAL;
+		return;
+	}
+	v = in->valid;
+	if ((v & FATTR_SIZE) && !img.writable)
+		err = -EROFS;
+	else if ((v & FATTR_MODE) && !img.writable && (in->mode & 0222))
+		err = -EROFS;
+	else if ((v & FATTR_UID) && in->uid != img.uid && !img.allow_chown)
+		err = -EPERM;
+	else if ((v & FATTR_GID) && in->gid != img.gid && !img.allow_chown)
+		err = -EPERM;
+	if (!err && (v & FATTR_SIZE))
+		err = image_truncate(in->size);
+	if (!err && (v & (FATTR_ATIME | FATTR_MTIME)))
+		err = image_set_times(in);
+	if (err) {
+		rep->error = err;
+		return;
+	}
+	if (v & FATTR_MODE)
+		img.mode = in->mode & 07777;
+	if (v & FATTR_KILL_SUIDGID)
+		img.mode &= ~(uint32_t)(S_ISUID | S_ISGID);
+	if (v & FATTR_UID)
+		img.uid = in->uid;
+	if (v & FATTR_GID)
+		img.gid = in->gid;
+	fuse_reply_attr(rep);
+}
+
+/* OPEN: direct I/O to the daemon so the image is not cached twice (the host
+ * caches it already); opening for write on a read-only export is EROFS, as
+ * on a read-only file system. */
+static void fuse_open(const struct fuse_req *req, struct fuse_reply *rep)
+{
+	const struct fuse_open_in *in = FUSE_ARG(req, struct fuse_open_in);
+	struct fuse_open_out *out;
+
+	if (!in) {
+		rep->error = -EINVAL;
+		return;
+	}
+	if ((in->flags & O_ACCMODE) != O_RDONLY && !img.writable) {
+		rep->error = -EROFS;
+		return;
+	}
+	out = fuse_reply_buf(rep, sizeof(*out));
+	if (out)
+		out->open_flags = FOPEN_DIRECT_IO | FOPEN_PARALLEL_DIRECT_WRITES;
+}
+
+/*
+ * READ and WRITE are split in two so a transport can run the image I/O
+ * asynchronously: fuse_io_prepare() validates and clamps the request and
+ * either answers it (error, EOF, null backend) and returns false, or fills
+ * 'io' and returns true; fuse_io_done() turns the I/O result into the reply.
+ *
+ * READ: short only at EOF.  WRITE: EROFS on a read-only export; a write
+ * reaching past EOF grows the image with --growable, is cut short at EOF
+ * without it, and fails with ENOSPC when it starts at or after EOF (what a
+ * full block device does).
+ */
+static bool fuse_read_prepare(const struct fuse_req *req, struct fuse_reply *rep,
+			      struct image_io *io)
+{
+	const struct fuse_read_in *in = FUSE_ARG(req, struct fuse_read_in);
+	uint64_t size = img.size, len;
+
+	if (!in) {
+		rep->error = -EINVAL;
+		return false;
+	}
+	len = in->size;
+	if (len > rep->out_cap)
+		len = rep->out_cap;
+	if (in->offset >= size)
+		len = 0;
+	else if (len > size - in->offset)
+		len = size - in->offset;
+	rep->out_len = len;
+	if (len == 0)
+		return false;
+	if (img.backend == BACKEND_NULL) {
+		memset(rep->out, 0, len);
+		return false;
+	}
+	*io = (struct image_io){ .write = false, .off = in->offset,
+				 .len = (uint32_t)len, .buf = rep->out };
+	io->fd = image_fd_for(io->off, io->len, io->buf);
+	return true;
+}
+
+static void fuse_reply_written(struct fuse_reply *rep, uint32_t n)
+{
+	struct fuse_write_out *out = fuse_reply_buf(rep, sizeof(*out));
+
+	if (out)
+		out->size = n;
+}
+
+static bool fuse_write_prepare(const struct fuse_req *req, struct fuse_reply *rep,
+			       struct image_io *io)
+{
+	const struct fuse_write_in *in = FUSE_ARG(req, struct fuse_write_in);
+	uint64_t size = img.size, len;
+
+	if (!in || req->data_len != in->size || in->offset > INT64_MAX) {
+		rep->error = -EINVAL;
+		return false;
+	}
+	if (!img.writable) {
+		rep->error = -EROFS;
+		return false;
+	}
+	len = in->size;
+	if (len > INT64_MAX - in->offset) {
+		rep->error = -EFBIG;
+		return false;
+	}
+	if (!img.growable && in->offset + len > size) {
+		if (in->offset >= size && len) {
+			rep->error = -ENOSPC;
+			return false;
+		}
+		len = size - in->offset;
+	}
+	if (len == 0 || img.backend == BACKEND_NULL) {
+		if (img.backend == BACKEND_NULL)
+			image_size_grow(in->offset + len);
+		fuse_reply_written(rep, (uint32_t)len);
+		return false;
+	}
+	*io = (struct image_io){ .write = true, .off = in->offset,
+				 .len = (uint32_t)len, .buf = (void *)req->data };
+	io->fd = image_fd_for(io->off, io->len, io->buf);
+	return true;
+}
+
+static bool fuse_io_prepare(const struct fuse_req *req, struct fuse_reply *rep,
+			    struct image_io *io)
+{
+	if (req->in->opcode == FUSE_READ)
+		return fuse_read_prepare(req, rep, io);
+	return fuse_write_prepare(req, rep, io);
+}
+
+static void fuse_io_done(const struct image_io *io, ssize_t res, struct fuse_reply *rep)
+{
+	if (res < 0) {
+		rep->error = (int)res;
+		rep->out_len = 0;
+		return;
+	}
+	if (!io->write) {
+		rep->out_len = (size_t)res;
+		return;
+	}
+	if (img.growable)
+		image_size_grow(io->off + (uint64_t)res);
+	fuse_reply_written(rep, (uint32_t)res);
+}
+
+static void fuse_read_write(const struct fuse_req *req, struct fuse_reply *rep)
+{
+	struct image_io io;
+
+	if (fuse_io_prepare(req, rep, &io))
+		fuse_io_done(&io, image_io_sync(&io), rep);
+}
+
+static void fuse_statfs(const struct fuse_req *req, struct fuse_reply *rep)
+{
+	struct fuse_statfs_out *out = fuse_reply_buf(rep, sizeof(*out));
+
+	(void)req;
+	if (out)
+		rep->error = image_statfs(&out->st);
+}
+
+/* FSYNC: after fsync(2) on the export returns, the data is on stable storage. */
+static void fuse_fsync(const struct fuse_req *req, struct fuse_reply *rep)
+{
+	const struct fuse_fsync_in *in = FUSE_ARG(req, struct fuse_fsync_in);
+
+	rep->error = in ? image_sync(in->fsync_flags & FUSE_FSYNC_FDATASYNC) : -EINVAL;
+}
+
+/* ACCESS is only sent without default_permissions; answer it anyway. */
+static void fuse_access(const struct fuse_req *req, struct fuse_reply *rep)
+{
+	const struct fuse_access_in *in = FUSE_ARG(req, struct fuse_access_in);
+
+	if (!in)
+		rep->error = -EINVAL;
+	else if ((in->mask & W_OK) && !img.writable)
+		rep->error = -EROFS;
+}
+
+/* FALLOCATE: mode 0 and KEEP_SIZE preallocate, PUNCH_HOLE|KEEP_SIZE and
+ * ZERO_RANGE[|KEEP_SIZE] zero; anything else EOPNOTSUPP. */
+static void fuse_fallocate(const struct fuse_req *req, struct fuse_reply *rep)
+{
+	const struct fuse_fallocate_in *in = FUSE_ARG(req, struct fuse_fallocate_in);
+
+	if (!in)
+		rep->error = -EINVAL;
+	else if (!img.writable)
+		rep->error = -EROFS;
+	else
+		rep->error = image_fallocate(in->mode, in->offset, in->length);
+}
+
+/* LSEEK: only SEEK_DATA/SEEK_HOLE reach us; ENXIO at or past EOF, or when no
+ * data follows (a wrong answer makes cp loop forever). */
+static void fuse_lseek(const struct fuse_req *req, struct fuse_reply *rep)
+{
+	const struct fuse_lseek_in *in = FUSE_ARG(req, struct fuse_lseek_in);
+	struct fuse_lseek_out *out;
+	int64_t pos;
+
+	if (!in || (in->whence != SEEK_DATA && in->whence != SEEK_HOLE)) {
+		rep->error = -EINVAL;
+		return;
+	}
+	pos = image_seek(in->offset, in->whence);
+	if (pos < 0) {
+		rep->error = (int)pos;
+		return;
+	}
+	out = fuse_reply_buf(rep, sizeof(*out));
+	if (out)
+		out->offset = (uint64_t)pos;
+}
+
+/* Dispatch one request (INIT excepted: fuse_init() needs the transport). */
+static void fuse_handle(const struct fuse_req *req, struct fuse_reply *rep)
+{
+	rep->error = 0;
+	rep->none = false;
+	rep->out_len = 0;
+
+	switch (req->in->opcode) {
+	case FUSE_GETATTR:	fuse_getattr(req, rep); break;
+	case FUSE_SETATTR:	fuse_setattr(req, rep); break;
+	case FUSE_OPEN:		fuse_open(req, rep); break;
+	case FUSE_READ:
+	case FUSE_WRITE:	fuse_read_write(req, rep); break;
+	case FUSE_STATFS:	fuse_statfs(req, rep); break;
+	case FUSE_FSYNC:	fuse_fsync(req, rep); break;
+	case FUSE_ACCESS:	fuse_access(req, rep); break;
+	case FUSE_FALLOCATE:	fuse_fallocate(req, rep); break;
+	case FUSE_LSEEK:	fuse_lseek(req, rep); break;
+	case FUSE_RELEASE:	/* nothing is kept per open file */
+	case FUSE_FLUSH:	/* close(2) of a regular file does not sync either */
+	case FUSE_DESTROY:	break;
+	case FUSE_LOOKUP:	rep->error = -ENOENT; break;	/* the root has no names */
+	case FUSE_FORGET:
+	case FUSE_BATCH_FORGET:
+	case FUSE_INTERRUPT:	rep->none = true; break;	/* I/O is never cancelled */
+	default:		rep->error = -ENOSYS; break;
+	}
+}
+
+/*
+ * Compute the INIT reply.  'flags2_extra' lets the io_uring transport add
+ * FUSE_OVER_IO_URING once its rings exist.  max_write is the largest the
+ * kernel will take (fs.fuse.max_pages_limit), up to MAX_PAYLOAD.
+ */
+static int fuse_init(const struct fuse_init_in *in, struct fuse_init_out *out,
+		     uint64_t extra_flags, unsigned nr_threads)
+{
+	uint64_t offered = in->flags, wanted;
+	unsigned max_pages = 32, limit = 256, bg;
+	char buf[32];
+
+	memset(out, 0, sizeof(*out));
+	out->major = FUSE_KERNEL_VERSION;
+	out->minor = FUSE_KERNEL_MINOR_VERSION;
+	if (in->major != FUSE_KERNEL_VERSION)
+		return -EPROTO;
+	if (offered & FUSE_INIT_EXT)
+		offered |= (uint64_t)in->flags2 << 32;
+	fuse_proto_minor = in->minor;
+
+	wanted = FUSE_ASYNC_READ | FUSE_BIG_WRITES | FUSE_ASYNC_DIO | FUSE_MAX_PAGES |
+		 FUSE_INIT_EXT | FUSE_DIRECT_IO_ALLOW_MMAP | extra_flags;
+	wanted &= offered;
+	if (read_small_file("/proc/sys/fs/fuse/max_pages_limit", buf, sizeof(buf)) > 0)
+		limit = (unsigned)atoi(buf);
+	if (wanted & FUSE_MAX_PAGES) {
+		max_pages = (unsigned)(MAX_PAYLOAD / page_size());
+		if (max_pages > limit && limit > 0)
+			max_pages = limit;
+	}
+	fuse_max_write = (uint32_t)(max_pages * page_size());
+
+	/* Async direct I/O requests are background requests: the kernel caps
+	 * them at max_background (12 if left 0), which would throttle a deep
+	 * client queue long before the daemon does. */
+	bg = nr_threads * MAX_QUEUE_DEPTH;
+	if (bg > 65535)
+		bg = 65535;
+	out->max_readahead = in->max_readahead;
+	out->flags = (uint32_t)wanted;
+	out->flags2 = (uint32_t)(wanted >> 32);
+	out->max_background = (uint16_t)bg;
+	out->congestion_threshold = (uint16_t)(bg * 3 / 4);
+	out->max_write = fuse_max_write;
+	out->time_gran = 1;
+	out->max_pages = (uint16_t)max_pages;
+	return 0;
+}
+
+static void fuse_log_request(unsigned worker, const struct fuse_req *req,
+			     const struct fuse_reply *rep)
+{
+	const struct fuse_in_header *in = req->in;
+	uint64_t off = 0, len = 0;
+
+	if (!log_debug)
+		return;
+	if (in->opcode == FUSE_READ || in->opcode == FUSE_WRITE) {
+		const struct fuse_read_in *rw = FUSE_ARG(req, struct fuse_read_in);
+
+		if (rw) {
+			off = rw->offset;
+			len = rw->size;
+		}
+	}
+	fprintf(stderr, "uexportd: [%u] %s unique=%llu off=%llu len=%llu -> %d/%zu\n",
+		worker, fuse_opcode_name(in->opcode), (unsigned long long)in->unique,
+		(unsigned long long)off, (unsigned long long)len, rep->error,
+		rep->out_len);
+}
+
+/* ======================================================================
+ * Image backend
+ *
+ * Three backends behind one set of calls: a regular file, a block device
+ * (fixed size; fallocate maps to the device's discard/zero-out), and null
+ * (reads are zeros, writes vanish, nothing allocated).  img.size is the
+ * authoritative size; only truncate and growing writes change it.
+ * ====================================================================== */
+
+static int image_open_null(const char *spec)
+{
+	uint64_t size;
+
+	if (parse_size(spec + 5, &size) < 0)
+		return -EINVAL;
+	img.backend = BACKEND_NULL;
+	img.fd = img.fd_buffered = -1;
+	img.size = size;
+	return 0;
+}
+
+static int image_open_path(const char *path)
+{
+	struct stat st;
+	int flags = (img.writable ? O_RDWR : O_RDONLY) | O_CLOEXEC;
+	int fd = open(path, flags | (img.direct ? O_DIRECT : 0));
+
+	if (fd < 0)
+		return -errno;
+	if (fstat(fd, &st) < 0 || (!S_ISREG(st.st_mode) && !S_ISBLK(st.st_mode))) {
+		int err = S_ISDIR(st.st_mode) ? -EISDIR : -EINVAL;
+
+		close(fd);
+		return err;
+	}
+	img.fd = img.fd_buffered = fd;
+	img.align = 1;
+	img.backend = S_ISBLK(st.st_mode) ? BACKEND_BLOCKDEV : BACKEND_FILE;
+	if (img.backend == BACKEND_BLOCKDEV) {
+		uint64_t size;
+		int ssz = 512;
+
+		if (ioctl(fd, BLKGETSIZE64, &size) < 0)
+			return -errno;
+		ioctl(fd, BLKSSZGET, &ssz);
+		img.size = size;
+		img.align = (uint32_t)ssz;
+	} else {
+		img.size = (uint64_t)st.st_size;
+	}
+	if (img.direct) {
+		/* Unaligned requests (dd bs=7) cannot use O_DIRECT; they go
+		 * through a second, buffered descriptor.  Linux keeps the two
+		 * coherent: direct writes invalidate the cached range and direct
+		 * reads write dirty pages back first. */
+		img.fd_buffered = open(path, flags);
+		if (img.fd_buffered < 0)
+			return -errno;
+		if (img.align < page_size())
+			img.align = (uint32_t)page_size();
+	}
+	img.atime = st.st_atim;
+	img.mtime = st.st_mtim;
+	img.ctime = st.st_ctim;
+	return 0;
+}
+
+static int image_open(const char *path)
+{
+	img.path = path;
+	pthread_mutex_init(&img.times_lock, NULL);
+	clock_gettime(CLOCK_REALTIME, &img.mtime);
+	img.atime = img.ctime = img.mtime;
+	if (strncmp(path, "null:", 5) == 0)
+		return image_open_null(path);
+	return image_open_path(path);
+}
+
+static int image_fd_for(uint64_t off, uint32_t len, const void *buf)
+{
+	uint64_t mask = img.align - 1;
+
+	if (((off | len | (uintptr_t)buf) & mask) == 0)
+		return img.fd;
+	return img.fd_buffered;
+}
+
+static ssize_t image_io_sync(const struct image_io *io)
+{
+	if (io->write)
+		return pwrite_full(io->fd, io->buf, io->len, (off_t)io->off);
+	return pread_full(io->fd, io->buf, io->len, (off_t)io->off);
+}
+
+/* Raise img.size to 'end' if smaller (concurrent growing writes race here). */
+static void image_size_grow(uint64_t end)
+{
+	uint64_t cur = img.size;
+
+	while (cur < end && !atomic_compare_exchange_weak(&img.size, &cur, end))
+		;
+}
+
+static void ts_to_attr(const struct timespec *ts, uint64_t *sec, uint32_t *nsec)
+{
+	*sec = (uint64_t)ts->tv_sec;
+	*nsec = (uint32_t)ts->tv_nsec;
+}
+
+static int image_getattr(struct fuse_attr *a)
+{
+	uint64_t size = img.size;
+	struct stat st;
+
+	a->ino = FUSE_ROOT_ID;
+	a->size = size;
+	a->mode = S_IFREG | img.mode;
+	a->nlink = 1;
+	a->uid = img.uid;
+	a->gid = img.gid;
+	a->blksize = 4096;
+	if (img.backend == BACKEND_FILE) {
+		if (fstat(img.fd, &st) < 0)
+			return -errno;
+		a->blocks = (uint64_t)st.st_blocks;
+		ts_to_attr(&st.st_atim, &a->atime, &a->atimensec);
+		ts_to_attr(&st.st_mtim, &a->mtime, &a->mtimensec);
+		ts_to_attr(&st.st_ctim, &a->ctime, &a->ctimensec);
+		return 0;
+	}
+	a->blocks = img.backend == BACKEND_NULL ? 0 : (size + 511) / 512;
+	pthread_mutex_lock(&img.times_lock);
+	ts_to_attr(&img.atime, &a->atime, &a->atimensec);
+	ts_to_attr(&img.mtime, &a->mtime, &a->mtimensec);
+	ts_to_attr(&img.ctime, &a->ctime, &a->ctimensec);
+	pthread_mutex_unlock(&img.times_lock);
+	return 0;
+}
+
+/* Growing needs --growable (EFBIG otherwise: the export's size limit); a
+ * block device keeps its size (EINVAL, as ftruncate(2) on one). */
+static int image_truncate(uint64_t size)
+{
+	if (size == img.size)
+		return 0;
+	if (size > INT64_MAX)
+		return -EFBIG;
+	if (img.backend == BACKEND_BLOCKDEV)
+		return -EINVAL;
+	if (size > img.size && !img.growable)
+		return -EFBIG;
+	if (img.backend == BACKEND_FILE && ftruncate(img.fd, (off_t)size) < 0)
+		return -errno;
+	img.size = size;
+	return 0;
+}
+
+static struct timespec setattr_time(bool set, bool now, uint64_t sec, uint32_t nsec)
+{
+	struct timespec ts = { .tv_sec = (time_t)sec, .tv_nsec = nsec };
+
+	if (!set)
+		ts.tv_nsec = UTIME_OMIT;
+	else if (now)
+		ts.tv_nsec = UTIME_NOW;
+	return ts;
+}
+
+static int image_set_times(const struct fuse_setattr_in *in)
+{
+	struct timespec ts[2] = {
+		setattr_time(in->valid & FATTR_ATIME, in->valid & FATTR_ATIME_NOW,
+			     in->atime, in->atimensec),
+		setattr_time(in->valid & FATTR_MTIME, in->valid & FATTR_MTIME_NOW,
+			     in->mtime, in->mtimensec),
+	};
+	struct timespec now;
+
+	if (img.backend == BACKEND_FILE)
+		return futimens(img.fd, ts) < 0 ? -errno : 0;
+	clock_gettime(CLOCK_REALTIME, &now);
+	pthread_mutex_lock(&img.times_lock);
+	if (ts[0].tv_nsec != UTIME_OMIT)
+		img.atime = ts[0].tv_nsec == UTIME_NOW ? now : ts[0];
+	if (ts[1].tv_nsec != UTIME_OMIT)
+		img.mtime = ts[1].tv_nsec == UTIME_NOW ? now : ts[1];
+	img.ctime = now;
+	pthread_mutex_unlock(&img.times_lock);
+	return 0;
+}
+
+static int image_fallocate(uint32_t mode, uint64_t off, uint64_t len)
+{
+	bool keep = mode & FALLOC_FL_KEEP_SIZE;
+	uint32_t kind = mode & ~(uint32_t)FALLOC_FL_KEEP_SIZE;
+	uint64_t end;
+
+	if (kind != 0 && kind != FALLOC_FL_ZERO_RANGE &&
+	    !(kind == FALLOC_FL_PUNCH_HOLE && keep))
+		return -EOPNOTSUPP;
+	if (off > INT64_MAX || len == 0 || len > INT64_MAX - off)
+		return len == 0 ? -EINVAL : -EFBIG;
+	end = off + len;
+	if (!keep && end > img.size && !img.growable)
+		return -ENOSPC;
+	switch (img.backend) {
+	case BACKEND_NULL:
+		break;
+	case BACKEND_BLOCKDEV:
+		/* Preallocation is a no-op on a device; zeroing and punching
+		 * are BLKZEROOUT / discard inside the device. */
+		if (kind != 0 && fallocate(img.fd, (int)(mode | FALLOC_FL_KEEP_SIZE),
+					   (off_t)off, (off_t)len) < 0)
+			return -errno;
+		break;
+	case BACKEND_FILE:
+		if (fallocate(img.fd, (int)mode, (off_t)off, (off_t)len) < 0)
+			return -errno;
+		break;
+	}
+	if (!keep)
+		image_size_grow(end);
+	return 0;
+}
+
+/* SEEK_DATA/SEEK_HOLE within [0, size): a device is all data, null all hole. */
+static int64_t image_seek(uint64_t off, uint32_t whence)
+{
+	uint64_t size = img.size;
+	off_t pos;
+
+	if (off >= size)
+		return -ENXIO;
+	if (img.backend == BACKEND_BLOCKDEV)
+		return whence == SEEK_DATA ? (int64_t)off : (int64_t)size;
+	if (img.backend == BACKEND_NULL)
+		return whence == SEEK_DATA ? -ENXIO : (int64_t)off;
+	pos = lseek(img.fd, (off_t)off, (int)whence);
+	if (pos < 0 && errno == ENXIO && whence == SEEK_HOLE)
+		return (int64_t)size;
+	if (pos < 0)
+		return -errno;
+	if ((uint64_t)pos >= size)
+		return whence == SEEK_DATA ? -ENXIO : (int64_t)size;
+	return pos;
+}
+
+static int image_statfs(struct fuse_kstatfs *st)
+{
+	struct statfs sfs;
+
+	st->namelen = 255;
+	if (img.backend == BACKEND_FILE) {
+		if (fstatfs(img.fd, &sfs) < 0)
+			return -errno;
+		st->blocks = (uint64_t)sfs.f_blocks;
+		st->bfree = (uint64_t)sfs.f_bfree;
+		st->bavail = (uint64_t)sfs.f_bavail;
+		st->files = (uint64_t)sfs.f_files;
+		st->ffree = (uint64_t)sfs.f_ffree;
+		st->bsize = (uint32_t)sfs.f_bsize;
+		st->frsize = (uint32_t)(sfs.f_frsize ? sfs.f_frsize : sfs.f_bsize);
+		return 0;
+	}
+	st->bsize = st->frsize = 4096;
+	st->blocks = (img.size + 4095) / 4096;
+	st->files = 1;
+	return 0;
+}
+
+static int image_sync(bool datasync)
+{
+	if (img.backend == BACKEND_NULL)
+		return 0;
+	if ((datasync ? fdatasync(img.fd) : fsync(img.fd)) < 0)
+		return -errno;
+	return 0;
+}
+
+/* ======================================================================
+ * Transport: classic /dev/fuse
+ *
+ * One thread per CPU, pinned, each blocked in read() on its own clone of the
+ * device fd (replies must go to the fd that delivered the request).  Each
+ * thread owns one request buffer and one reply buffer; a request is answered
+ * before the next read(), so the buffers are never shared.
+ * ====================================================================== */
+
+struct devfuse_worker {
+	pthread_t thread;
+	unsigned idx;
+	int cpu;			/* -1: not pinned */
+	int fd;
+	char *in;			/* request: header + arguments */
+	size_t in_cap;
+	char *out;			/* reply: out_header + payload */
+	size_t out_cap;
+};
+
+static int fuse_dev_fd = -1;		/* the mount's /dev/fuse fd */
+static atomic_int workers_live;
+static atomic_bool stopping;		/* unmount under way: ENODEV is expected */
+static pthread_t main_thread;
+
+/* Tell the main thread a serving thread ended (unmount, or a fatal error). */
+static void worker_exited(void)
+{
+	atomic_fetch_sub(&workers_live, 1);
+	pthread_kill(main_thread, SIGUSR1);
+}
+
+static void pin_to_cpu(int cpu)
+{
+	cpu_set_t set;
+
+	if (cpu < 0)
+		return;
+	CPU_ZERO(&set);
+	CPU_SET(cpu, &set);
+	pthread_setaffinity_np(pthread_self(), sizeof(set), &set);
+}
+
+/* Buffers are offset so that WRITE data (after the in-header and write_in)
+ * and READ data (after the out-header) start page-aligned: O_DIRECT images
+ * then take them without a bounce. */
+static int devfuse_alloc(struct devfuse_worker *w)
+{
+	size_t ps = page_size();
+	size_t hdr_in = sizeof(struct fuse_in_header) + sizeof(struct fuse_write_in);
+	size_t hdr_out = sizeof(struct fuse_out_header);
+	char *a, *b;
+
+	w->in_cap = hdr_in + fuse_max_write;
+	if (w->in_cap < FUSE_MIN_READ_BUFFER)
+		w->in_cap = FUSE_MIN_READ_BUFFER;
+	w->out_cap = hdr_out + fuse_max_write;
+	a = buffer_alloc(round_up(w->in_cap + ps, ps));
+	b = buffer_alloc(round_up(w->out_cap + ps, ps));
+	if (!a || !b)
+		return -ENOMEM;
+	w->in = a + ps - hdr_in;
+	w->out = b + ps - hdr_out;
+	return 0;
+}
+
+static void devfuse_reply(struct devfuse_worker *w, const struct fuse_in_header *in,
+			  const struct fuse_reply *rep)
+{
+	struct fuse_out_header *out = (struct fuse_out_header *)w->out;
+	size_t len = sizeof(*out) + (rep->error ? 0 : rep->out_len);
+
+	out->len = (uint32_t)len;
+	out->error = rep->error;
+	out->unique = in->unique;
+	/* ENOENT: the request was interrupted or aborted meanwhile. */
+	while (write(w->fd, out, len) < 0 && errno == EINTR)
+		;
+}
+
+/* Split a read()-framed request into header, fixed argument and payload. */
+static int devfuse_parse(const char *buf, size_t n, struct fuse_req *req)
+{
+	const struct fuse_in_header *in = (const void *)buf;
+	size_t body, argsz;
+
+	req->in = in;
+	if (in->len != n)
+		return -EINVAL;
+	body = n - sizeof(*in);
+	argsz = fuse_arg_size(in->opcode);
+	req->arg = buf + sizeof(*in);
+	req->arg_len = body < argsz ? body : argsz;
+	req->data = buf + sizeof(*in) + req->arg_len;
+	req->data_len = body - req->arg_len;
+	return 0;
+}
+
+static void devfuse_serve_one(struct devfuse_worker *w, size_t n)
+{
+	struct fuse_req req;
+	struct fuse_reply rep = { .out = w->out + sizeof(struct fuse_out_header),
+				  .out_cap = w->out_cap - sizeof(struct fuse_out_header) };
+
+	if (devfuse_parse(w->in, n, &req) < 0) {
+		rep.error = -EINVAL;
+	} else if (req.in->opcode == FUSE_INIT) {
+		rep.error = -EPROTO;		/* INIT is answered once, at mount */
+	} else {
+		fuse_handle(&req, &rep);
+		fuse_log_request(w->idx, &req, &rep);
+	}
+	if (!rep.none)
+		devfuse_reply(w, req.in, &rep);
+}
+
+static void *devfuse_worker_main(void *arg)
+{
+	struct devfuse_worker *w = arg;
+
+	pin_to_cpu(w->cpu);
+	for (;;) {
+		ssize_t n = read(w->fd, w->in, w->in_cap);
+
+		if (n < 0) {
+			if (errno == EINTR || errno == EAGAIN || errno == ENOENT)
+				continue;
+			if (errno != ENODEV && !stopping)
+				log_err("thread %u: read /dev/fuse: %s", w->idx, strerror(errno));
+			break;
+		}
+		if ((size_t)n < sizeof(struct fuse_in_header)) {
+			log_err("thread %u: short request (%zd bytes) dropped", w->idx, n);
+			continue;
+		}
+		devfuse_serve_one(w, (size_t)n);
+	}
+	worker_exited();
+	return NULL;
+}
+
+/* A clone gets its own processing list, so threads never contend on one fd.
+ * Unprivileged daemons cannot open /dev/fuse (often 0600): they share. */
+static int devfuse_clone(void)
+{
+	uint32_t src = (uint32_t)fuse_dev_fd;
+	int fd = open("/dev/fuse", O_RDWR | O_CLOEXEC);
+
+	if (fd < 0)
+		return fuse_dev_fd;
+	if (ioctl(fd, FUSE_DEV_IOC_CLONE, &src) < 0) {
+		close(fd);
+		return fuse_dev_fd;
+	}
+	return fd;
+}
+
+static struct devfuse_worker *devfuse_workers;
+static unsigned nr_workers;
+
+/* The CPUs this process may run on, in order; one serving thread each. */
+static unsigned cpu_list(int *cpus, unsigned max)
+{
+	cpu_set_t set;
+	unsigned n = 0;
+
+	if (sched_getaffinity(0, sizeof(set), &set) < 0) {
+		cpus[0] = -1;
+		return 1;
+	}
+	for (int c = 0; c < CPU_SETSIZE && n < max; c++)
+		if (CPU_ISSET(c, &set))
+			cpus[n++] = c;
+	return n ? n : 1;
+}
+
+static int devfuse_start(void)
+{
+	static int cpus[CPU_SETSIZE];
+	unsigned n = cpu_list(cpus, CPU_SETSIZE);
+
+	devfuse_workers = calloc(n, sizeof(*devfuse_workers));
+	if (!devfuse_workers)
+		return -ENOMEM;
+	for (unsigned i = 0; i < n; i++) {
+		struct devfuse_worker *w = &devfuse_workers[i];
+		int err;
+
+		w->idx = i;
+		w->cpu = cpus[i];
+		w->fd = i == 0 ? fuse_dev_fd : devfuse_clone();
+		err = devfuse_alloc(w);
+		if (!err)
+			err = -pthread_create(&w->thread, NULL, devfuse_worker_main, w);
+		if (err)
+			return err;
+		nr_workers++;
+		atomic_fetch_add(&workers_live, 1);
+	}
+	return 0;
+}
+
+static void devfuse_join(void)
+{
+	for (unsigned i = 0; i < nr_workers; i++)
+		pthread_join(devfuse_workers[i].thread, NULL);
+}
+
+/* ======================================================================
+ * Mount and unmount
+ *
+ * Root mounts with mount(2) directly; anyone else goes through the setuid
+ * fusermount3, which opens /dev/fuse, mounts, and passes the fd back over
+ * the socket named in _FUSE_COMMFD.  The export's root is a regular file
+ * (rootmode=100000), grafted onto the regular file MOUNTPOINT.
+ * ====================================================================== */
+
+struct mount_opts {
+	const char *source;		/* image path, shown in /proc/mounts */
+	const char *target;		/* absolute path of the mount point */
+	bool allow_other;
+	bool privileged;		/* mount(2) vs fusermount3 */
+};
+
+/* Decode the octal escapes (\040 for space) of a /proc/self/mountinfo field. */
+static void mountinfo_unescape(char *s)
+{
+	char *d = s;
+
+	for (; *s; s++) {
+		if (s[0] == '\\' && s[1] >= '0' && s[1] <= '3' && s[2] && s[3]) {
+			*d++ = (char)((s[1] - '0') * 64 + (s[2] - '0') * 8 + (s[3] - '0'));
+			s += 3;
+		} else {
+			*d++ = *s;
+		}
+	}
+	*d = '\0';
+}
+
+/*
+ * Is 'path' a mount point?  Returns 1 and the device minor of the topmost
+ * mount there, 0 if not mounted, -errno if mountinfo is unreadable.
+ * Reading mountinfo sends no request to any FUSE file system.
+ */
+static int mount_lookup(const char *path, unsigned *minor_out)
+{
+	FILE *f = fopen("/proc/self/mountinfo", "re");
+	char *line = NULL;
+	size_t cap = 0;
+	int found = 0;
+
+	if (!f)
+		return -errno;
+	while (getline(&line, &cap, f) > 0) {
+		unsigned maj, min;
+		char mnt[PATH_MAX + 1];
+
+		if (sscanf(line, "%*u %*u %u:%u %*s %4096s", &maj, &min, mnt) != 3)
+			continue;
+		mountinfo_unescape(mnt);
+		if (strcmp(mnt, path) == 0) {
+			found = 1;
+			if (minor_out)
+				*minor_out = min;
+		}
+	}
+	free(line);
+	fclose(f);
+	return found;
+}
+
+static void mount_opts_string(char *buf, size_t cap, const struct mount_opts *mo,
+			      int fd)
+{
+	int n = 0;
+
+	if (fd >= 0)
+		n = snprintf(buf, cap, "fd=%d,rootmode=100000,user_id=%u,group_id=%u,",
+			     fd, getuid(), getgid());
+	snprintf(buf + n, cap - (size_t)n, "default_permissions,max_read=%u%s",
+		 MAX_PAYLOAD, mo->allow_other ? ",allow_other" : "");
+}
+
+static int mount_kernel(const struct mount_opts *mo)
+{
+	char opts[256];
+	int fd = open("/dev/fuse", O_RDWR | O_CLOEXEC);
+
+	if (fd < 0)
+		return -errno;
+	mount_opts_string(opts, sizeof(opts), mo, fd);
+	if (mount(mo->source, mo->target, "fuse.uexportd", MS_NOSUID | MS_NODEV, opts) < 0) {
+		int err = -errno;
+
+		close(fd);
+		return err;
+	}
+	return fd;
+}
+
+/* Receive the /dev/fuse fd fusermount3 sends as SCM_RIGHTS. */
+static int fusermount_recv_fd(int sock)
+{
+	char byte;
+	struct iovec iov = { &byte, 1 };
+	union {
+		struct cmsghdr hdr;
+		char buf[CMSG_SPACE(sizeof(int))];
+	} ctl;
+	struct msghdr msg = { .msg_iov = &iov, .msg_iovlen = 1,
+			      .msg_control = &ctl, .msg_controllen = sizeof(ctl) };
+	struct cmsghdr *c;
+	ssize_t n;
+	int fd;
+
+	do {
+		n = recvmsg(sock, &msg, MSG_CMSG_CLOEXEC);
+	} while (n < 0 && errno == EINTR);
+	if (n <= 0)
+		return -EIO;
+	c = CMSG_FIRSTHDR(&msg);
+	if (!c || c->cmsg_type != SCM_RIGHTS || c->cmsg_len != CMSG_LEN(sizeof(int)))
+		return -EIO;
+	memcpy(&fd, CMSG_DATA(c), sizeof(fd));
+	return fd;
+}
+
+/* Run fusermount3 with 'argv'; 'quiet' sends its stderr to /dev/null. */
+static int fusermount_run(char *const argv[], int commfd, bool quiet)
+{
+	pid_t pid = fork();
+	int status;
+
+	if (pid < 0)
+		return -errno;
+	if (pid == 0) {
+		char env[32];
+
+		if (commfd >= 0) {
+			snprintf(env, sizeof(env), "%d", commfd);
+			setenv("_FUSE_COMMFD", env, 1);
+		}
+		if (quiet) {
+			int null = open("/dev/null", O_WRONLY);
+
+			if (null >= 0)
+				dup2(null, STDERR_FILENO);
+		}
+		execvp("fusermount3", argv);
+		_exit(127);
+	}
+	while (waitpid(pid, &status, 0) < 0)
+		if (errno != EINTR)
+			return -errno;
+	if (WIFEXITED(status) && WEXITSTATUS(status) == 127)
+		return -ENOENT;
+	return WIFEXITED(status) && WEXITSTATUS(status) == 0 ? 0 : -EPERM;
+}
+
+static int mount_fusermount(const struct mount_opts *mo, bool quiet)
+{
+	char opts[256], fsname[300];
+	int sv[2], err, fd;
+
+	mount_opts_string(opts, sizeof(opts), mo, -1);
+	/* fsname may not contain a comma: it would end the option. */
+	snprintf(fsname, sizeof(fsname), ",fsname=%s,subtype=uexportd", mo->source);
+	if (strchr(mo->source, ',') == NULL)
+		strncat(opts, fsname, sizeof(opts) - strlen(opts) - 1);
+	if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) < 0)
+		return -errno;
+	/* The child end must survive exec: clear its CLOEXEC flag. */
+	fcntl(sv[0], F_SETFD, 0);
+	{
+		char *argv[] = { "fusermount3", "-o", opts, "--", (char *)mo->target, NULL };
+
+		err = fusermount_run(argv, sv[0], quiet);
+	}
+	close(sv[0]);
+	fd = err ? err : fusermount_recv_fd(sv[1]);
+	close(sv[1]);
+	return fd;
+}
+
+/* Mount; returns the /dev/fuse fd.  allow_other "auto" retries without it. */
+static int mount_export(struct mount_opts *mo, bool allow_other_auto)
+{
+	int fd;
+
+	if (mo->privileged)
+		return mount_kernel(mo);
+	fd = mount_fusermount(mo, allow_other_auto && mo->allow_other);
+	if (fd < 0 && allow_other_auto && mo->allow_other) {
+		mo->allow_other = false;
+		fd = mount_fusermount(mo, false);
+	}
+	return fd;
+}
+
+static int unmount_export(const struct mount_opts *mo, bool lazy)
+{
+	char *argv[] = { "fusermount3", "-u", "-q", lazy ? "-z" : "-u", "--",
+			 (char *)mo->target, NULL };
+
+	if (mo->privileged)
+		return umount2(mo->target, lazy ? MNT_DETACH : 0) < 0 ? -errno : 0;
+	return fusermount_run(argv, -1, !lazy);
+}
+
+/* Abort the connection through fusectl: the last resort when clients still
+ * hold the file after a lazy unmount (root only). */
+static void fuse_abort_connection(unsigned minor)
+{
+	char path[64];
+
+	snprintf(path, sizeof(path), "/sys/fs/fuse/connections/%u/abort", minor);
+	if (write_file(path, "1") == -ENOENT) {
+		mount("fusectl", "/sys/fs/fuse/connections", "fusectl", 0, NULL);
+		write_file(path, "1");
+	}
+}
+
+/* ======================================================================
+ * Lifecycle: daemonizing, readiness, signals, shutdown
+ *
+ * Signals are blocked in every thread and taken synchronously by the main
+ * thread with sigwaitinfo(); serving threads wake it with SIGUSR1 when they
+ * end.  Without -f the parent waits on a pipe and exits 0 only once the
+ * mount is live and serving, so "uexportd img f && cat f" has no race.
+ * ====================================================================== */
+
+struct options {
+	const char *image;
+	const char *mountpoint;
+	char mountpoint_abs[PATH_MAX];
+	bool writable, growable, direct, foreground;
+	enum { TRI_AUTO, TRI_ON, TRI_OFF } allow_other, io_uring;
+	unsigned queue_depth;
+	const char *pidfile;
+};
+
+static int ready_pipe = -1;		/* write end; the parent waits on it */
+
+/* A daemon keeps no descriptor its caller gave it: a script's pipe held
+ * open by us would make the script wait forever for EOF. */
+static void close_inherited_fds(void)
+{
+#ifdef SYS_close_range
+	if (syscall(SYS_close_range, 3, ~0U, 0) == 0)
+		return;
+#endif
+	for (int fd = 3; fd < 1024; fd++)
+		close(fd);
+}
+
+static int daemonize_begin(void)
+{
+	int p[2];
+	pid_t pid;
+	char ok;
+
+	close_inherited_fds();
+	if (pipe2(p, O_CLOEXEC) < 0)
+		return -errno;
+	pid = fork();
+	if (pid < 0)
+		return -errno;
+	if (pid > 0) {
+		int status;
+
+		close(p[1]);
+		if (read(p[0], &ok, 1) == 1)
+			_exit(0);
+		/* The child failed; it has printed why. */
+		if (waitpid(pid, &status, 0) == pid && WIFEXITED(status))
+			_exit(WEXITSTATUS(status) ? WEXITSTATUS(status) : 1);
+		_exit(1);
+	}
+	close(p[0]);
+	ready_pipe = p[1];
+	setsid();
+	return 0;
+}
+
+/* Start-up succeeded: release the parent and drop the terminal. */
+static void daemonize_finish(void)
+{
+	int null;
+
+	if (ready_pipe < 0)
+		return;
+	openlog("uexportd", LOG_PID, LOG_DAEMON);
+	log_syslog = true;
+	null = open("/dev/null", O_RDWR);
+	if (null >= 0) {
+		dup2(null, STDIN_FILENO);
+		dup2(null, STDOUT_FILENO);
+		dup2(null, STDERR_FILENO);
+		if (null > STDERR_FILENO)
+			close(null);
+	}
+	if (write(ready_pipe, "", 1) != 1)
+		log_err("start-up handshake: %s", strerror(errno));
+	close(ready_pipe);
+	ready_pipe = -1;
+}
+
+static int pidfile_write(const char *path)
+{
+	char buf[32];
+	int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+	int len = snprintf(buf, sizeof(buf), "%d\n", (int)getpid());
+	int err = 0;
+
+	if (fd < 0)
+		return -errno;
+	if (write(fd, buf, (size_t)len) != len)
+		err = -EIO;
+	close(fd);
+	return err;
+}
+
+/* READY=1 to $NOTIFY_SOCKET (systemd Type=notify), no library needed. */
+static void notify_ready(void)
+{
+	const char *path = getenv("NOTIFY_SOCKET");
+	struct sockaddr_un sa = { .sun_family = AF_UNIX };
+	socklen_t len;
+	int fd;
+
+	if (!path || !*path || strlen(path) >= sizeof(sa.sun_path))
+		return;
+	memcpy(sa.sun_path, path, strlen(path));
+	if (sa.sun_path[0] == '@')
+		sa.sun_path[0] = '\0';
+	len = (socklen_t)(offsetof(struct sockaddr_un, sun_path) + strlen(path));
+	fd = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+	if (fd < 0)
+		return;
+	sendto(fd, "READY=1", 7, MSG_NOSIGNAL, (struct sockaddr *)&sa, len);
+	close(fd);
+}
+
+/* Wait up to 'ms' for every serving thread to end. */
+static bool workers_wait(unsigned ms)
+{
+	uint64_t deadline = now_ns() + (uint64_t)ms * 1000000u;
+
+	while (atomic_load(&workers_live) > 0) {
+		if (now_ns() > deadline)
+			return false;
+		sleep_ms(10);
+	}
+	return true;
+}
+
+/*
+ * Stop serving.  Unmount normally; if a client still holds the file, detach
+ * lazily and keep serving it for SHUTDOWN_GRACE_MS, then abort the
+ * connection (root) so nothing waits on a daemon that is gone.  Requests
+ * keep being served throughout: the threads end only when the kernel says
+ * the connection is gone (ENODEV), never by being cancelled.
+ */
+static void shutdown_export(const struct mount_opts *mo)
+{
+	unsigned minor = 0;
+
+	stopping = true;
+	if (mount_lookup(mo->target, &minor) == 1 && atomic_load(&workers_live) > 0) {
+		if (unmount_export(mo, false) < 0) {
+			log_info("%s is busy: detaching lazily", mo->target);
+			unmount_export(mo, true);
+		}
+	}
+	if (!workers_wait(SHUTDOWN_GRACE_MS) && mo->privileged && minor) {
+		log_info("clients still hold %s: aborting the connection", mo->target);
+		fuse_abort_connection(minor);
+	}
+}
+
+/* ======================================================================
+ * Options and main
+ * ====================================================================== */
+
+static void usage(FILE *f)
+{
+	fprintf(f,
+"Usage: uexportd [OPTIONS] IMAGE MOUNTPOINT\n"
+"Export IMAGE (a regular file, a block device, or null:SIZE) as the regular\n"
+"file MOUNTPOINT (which must exist) through FUSE.\n"
+"\n"
+"  -w, --writable           allow writes (default: read-only)\n"
+"  -g, --growable           writes past EOF and truncate may grow the image\n"
+"                           (needs --writable)\n"
+"      --allow-other=MODE   on|off|auto: let other users access the export\n"
+"                           (default auto: try, fall back without)\n"
+"      --io-uring=MODE      auto|on|off: FUSE-over-io_uring transport\n"
+"  -q, --queue-depth=N      requests in flight per queue, 1-%d (default %d)\n"
+"      --direct             open the image with O_DIRECT (no host page cache)\n"
+"  -f, --foreground         do not daemonize\n"
+"  -p, --pidfile=FILE       write the daemon's pid once the export is live\n"
+"  -v, --verbose            log start-up details to stderr\n"
+"  -d, --debug              log one line per request (implies -f -v)\n"
+"  -h, --help               show this help\n"
+"  -V, --version            show the version\n"
+"\n"
+"SIZE for null: takes K, M, G, T suffixes (null:1G).  Stop with SIGTERM or\n"
+"by unmounting MOUNTPOINT.\n", MAX_QUEUE_DEPTH, DEFAULT_QUEUE_DEPTH);
+}
+
+static int parse_tristate(const char *name, const char *v, int *out, const char *const words[3])
+{
+	for (int i = 0; i < 3; i++) {
+		if (strcmp(v, words[i]) == 0) {
+			*out = i;
+			return 0;
+		}
+	}
+	log_err("invalid --%s '%s' (expected %s, %s or %s)", name, v, words[0], words[1], words[2]);
+	return -EINVAL;
+}
+
+enum { OPT_ALLOW_OTHER = 256, OPT_IO_URING, OPT_DIRECT };
+
+static int parse_options(int argc, char **argv, struct options *o)
+{
+	static const struct option longopts[] = {
+		{ "writable", no_argument, NULL, 'w' },
+		{ "growable", no_argument, NULL, 'g' },
+		{ "allow-other", required_argument, NULL, OPT_ALLOW_OTHER },
+		{ "io-uring", required_argument, NULL, OPT_IO_URING },
+		{ "queue-depth", required_argument, NULL, 'q' },
+		{ "direct", no_argument, NULL, OPT_DIRECT },
+		{ "foreground", no_argument, NULL, 'f' },
+		{ "pidfile", required_argument, NULL, 'p' },
+		{ "verbose", no_argument, NULL, 'v' },
+		{ "debug", no_argument, NULL, 'd' },
+		{ "help", no_argument, NULL, 'h' },
+		{ "version", no_argument, NULL, 'V' },
+		{ NULL, 0, NULL, 0 },
+	};
+	static const char *const aw[3] = { "auto", "on", "off" };
+	int c, v;
+	char *end;
+
+	o->queue_depth = DEFAULT_QUEUE_DEPTH;
+	while ((c = getopt_long(argc, argv, "wgq:fp:vdhV", longopts, NULL)) != -1) {
+		switch (c) {
+		case 'w': o->writable = true; break;
+		case 'g': o->growable = true; break;
+		case 'f': o->foreground = true; break;
+		case 'p': o->pidfile = optarg; break;
+		case 'v': log_verbose = true; break;
+		case 'd': log_debug = log_verbose = o->foreground = true; break;
+		case OPT_DIRECT: o->direct = true; break;
+		case OPT_ALLOW_OTHER:
+			if (parse_tristate("allow-other", optarg, &v, aw) < 0)
+				return -EINVAL;
+			o->allow_other = v;
+			break;
+		case OPT_IO_URING:
+			if (parse_tristate("io-uring", optarg, &v, aw) < 0)
+				return -EINVAL;
+			o->io_uring = v;
+			break;
+		case 'q':
+			errno = 0;
+			v = (int)strtol(optarg, &end, 10);
+			if (errno || *end || end == optarg || v < 1 || v > MAX_QUEUE_DEPTH) {
+				log_err("invalid --queue-depth '%s' (expected 1-%d)",
+					optarg, MAX_QUEUE_DEPTH);
+				return -EINVAL;
+			}
+			o->queue_depth = (unsigned)v;
+			break;
+		case 'h': usage(stdout); exit(0);
+		case 'V': printf("uexportd %s\n", UEXPORTD_VERSION); exit(0);
+		default:
+			fprintf(stderr, "Try 'uexportd --help' for more information.\n");
+			return -EINVAL;
+		}
+	}
+	if (argc - optind != 2) {
+		log_err("expected IMAGE and MOUNTPOINT (see --help)");
+		return -EINVAL;
+	}
+	o->image = argv[optind];
+	o->mountpoint = argv[optind + 1];
+	if (o->growable && !o->writable) {
+		log_err("--growable needs --writable");
+		return -EINVAL;
+	}
+	return 0;
+}
+
+/* The mount point must be an existing regular file that is not a mount yet. */
+static int check_mountpoint(struct options *o)
+{
+	struct stat st;
+
+	if (stat(o->mountpoint, &st) < 0) {
+		log_err("mount point %s: %s", o->mountpoint, strerror(errno));
+		return -errno;
+	}
+	if (!S_ISREG(st.st_mode)) {
+		log_err("mount point %s: %s", o->mountpoint, S_ISDIR(st.st_mode) ?
+			"is a directory (it must be a regular file)" : "not a regular file");
+		return -EINVAL;
+	}
+	if (!realpath(o->mountpoint, o->mountpoint_abs)) {
+		log_err("mount point %s: %s", o->mountpoint, strerror(errno));
+		return -errno;
+	}
+	if (mount_lookup(o->mountpoint_abs, NULL) == 1) {
+		log_err("mount point %s: already a mount point", o->mountpoint);
+		return -EBUSY;
+	}
+	return 0;
+}
+
+static int open_image(const struct options *o)
+{
+	int err;
+
+	img.writable = o->writable;
+	img.growable = o->growable;
+	img.direct = o->direct;
+	img.mode = o->writable ? 0600 : 0400;
+	img.uid = getuid();
+	img.gid = getgid();
+	img.allow_chown = o->allow_other != TRI_OFF;
+	err = image_open(o->image);
+	if (err == -EINVAL && strncmp(o->image, "null:", 5) == 0)
+		log_err("invalid image '%s' (expected null:SIZE, e.g. null:1G)", o->image);
+	else if (err == -EINVAL)
+		log_err("%s: not a regular file or block device", o->image);
+	else if (err)
+		log_err("open %s: %s", o->image, strerror(-err));
+	return err;
+}
+
+/* Read FUSE_INIT from the fresh connection and answer it. */
+static int fuse_handshake(unsigned nr_threads)
+{
+	size_t cap = FUSE_MIN_READ_BUFFER;
+	char *buf = malloc(cap);
+	struct {
+		struct fuse_out_header hdr;
+		struct fuse_init_out init;
+	} reply;
+	const struct fuse_in_header *in = (const void *)buf;
+	ssize_t n;
+	int err;
+
+	if (!buf)
+		return -ENOMEM;
+	do {
+		n = read(fuse_dev_fd, buf, cap);
+	} while (n < 0 && errno == EINTR);
+	err = n < 0 ? -errno : 0;
+	if (!err && ((size_t)n < sizeof(*in) + sizeof(struct fuse_init_in) ||
+		     in->opcode != FUSE_INIT))
+		err = -EPROTO;
+	if (!err) {
+		err = fuse_init((const void *)(in + 1), &reply.init, 0, nr_threads);
+		reply.hdr.len = sizeof(reply);
+		reply.hdr.error = err;
+		reply.hdr.unique = in->unique;
+		if (err)
+			reply.hdr.len = sizeof(reply.hdr);
+		if (write(fuse_dev_fd, &reply, reply.hdr.len) < 0 && !err)
+			err = -errno;
+	}
+	free(buf);
+	return err;
+}
+
+static void log_startup(const struct options *o, const char *transport,
+			unsigned threads, const char *reason)
+{
+	char line[1024];
+	int prio = LOG_INFO;
+
+	snprintf(line, sizeof(line),
+		 "%s (%llu bytes, %s%s) on %s: transport=%s threads=%u%s%s",
+		 o->image, (unsigned long long)img.size, img.writable ? "rw" : "ro",
+		 img.growable ? ",growable" : "", o->mountpoint, transport, threads,
+		 reason ? " reason=" : "", reason ? reason : "");
+	/* Foreground, or -v: on stderr.  Daemonized: syslog (after the
+	 * handshake), which log_vmsg picks once stderr is gone. */
+	if (o->foreground || log_verbose)
+		fprintf(stderr, "uexportd: %s\n", line);
+	if (!o->foreground) {
+		openlog("uexportd", LOG_PID, LOG_DAEMON);
+		syslog(prio, "%s", line);
+	}
+}
+
+static int serve(struct options *o)
+{
+	struct mount_opts mo = {
+		.source = o->image, .target = o->mountpoint_abs,
+		.allow_other = o->allow_other != TRI_OFF, .privileged = geteuid() == 0,
+	};
+	const char *reason = "--io-uring=off";
+	siginfo_t si;
+	sigset_t set;
+	int err;
+
+	if (o->io_uring == TRI_ON) {
+		log_err("--io-uring=on: the io_uring transport is not available in this build");
+		return -EOPNOTSUPP;
+	}
+	if (o->io_uring == TRI_AUTO)
+		reason = "io_uring transport not built";
+
+	fuse_dev_fd = mount_export(&mo, o->allow_other == TRI_AUTO);
+	if (fuse_dev_fd < 0) {
+		err = fuse_dev_fd;
+		if (err == -ENOENT && mo.privileged)
+			log_err("open /dev/fuse: %s (is the fuse module loaded?)", strerror(-err));
+		else if (err == -ENOENT)
+			log_err("fusermount3 not found: install fuse3 or run as root");
+		else
+			log_err("mount on %s: %s", o->mountpoint, strerror(-err));
+		return err;
+	}
+	err = fuse_handshake(1);
+	if (!err)
+		err = devfuse_start();
+	if (err) {
+		log_err("start on %s: %s", o->mountpoint, strerror(-err));
+		shutdown_export(&mo);
+		return err;
+	}
+	if (o->pidfile && (err = pidfile_write(o->pidfile)) < 0) {
+		log_err("pidfile %s: %s", o->pidfile, strerror(-err));
+		shutdown_export(&mo);
+		return err;
+	}
+	log_startup(o, "dev-fuse", nr_workers, reason);
+	daemonize_finish();
+	notify_ready();
+
+	sigemptyset(&set);
+	sigaddset(&set, SIGINT);
+	sigaddset(&set, SIGTERM);
+	sigaddset(&set, SIGHUP);
+	sigaddset(&set, SIGUSR1);
+	for (;;) {
+		if (sigwaitinfo(&set, &si) < 0)
+			continue;
+		if (si.si_signo != SIGUSR1) {
+			log_info("signal %d: shutting down", si.si_signo);
+			break;
+		}
+		if (atomic_load(&workers_live) < (int)nr_workers)
+			break;		/* unmounted, or a thread failed */
+	}
+	shutdown_export(&mo);
+	devfuse_join();
+	if (img.writable && image_sync(false) < 0)
+		log_err("flush %s: %s", o->image, strerror(errno));
+	if (o->pidfile)
+		unlink(o->pidfile);
+	return 0;
+}
+
+int main(int argc, char **argv)
+{
+	struct options o = { 0 };
+	sigset_t set;
+
+	if (parse_options(argc, argv, &o) < 0)
+		return 2;
+
+	/* Block the signals we take with sigwaitinfo before any thread exists:
+	 * threads inherit the mask. */
+	sigemptyset(&set);
+	sigaddset(&set, SIGINT);
+	sigaddset(&set, SIGTERM);
+	sigaddset(&set, SIGHUP);
+	sigaddset(&set, SIGUSR1);
+	sigaddset(&set, SIGPIPE);
+	pthread_sigmask(SIG_BLOCK, &set, NULL);
+	main_thread = pthread_self();
+
+	if (!o.foreground && daemonize_begin() < 0) {
+		log_err("fork: %s", strerror(errno));
+		return 1;
+	}
+	if (open_image(&o) < 0 || check_mountpoint(&o) < 0)
+		return 1;
+	return serve(&o) < 0 ? 1 : 0;
+}
