@@ -50,6 +50,7 @@
 #include <sys/uio.h>
 #include <sys/un.h>
 #include <sys/wait.h>
+#include <linux/io_uring.h>
 
 #include "fuse_kernel.h"
 
@@ -261,6 +262,184 @@ static int parse_size(const char *s, uint64_t *out)
 		return -EINVAL;
 	*out = (uint64_t)v << shift;
 	return 0;
+}
+
+/* ======================================================================
+ * io_uring rings, by raw syscalls
+ *
+ * Memory ordering on the shared ring indices (the kernel is the other side):
+ *   - SQ tail: we write it with a release store after the SQE is complete,
+ *     so the kernel never sees a half-written SQE;
+ *   - SQ head: the kernel's; we only compare against it, relaxed;
+ *   - CQ tail: the kernel's; an acquire load orders it before reading CQEs;
+ *   - CQ head: ours; a release store after we are done with the CQEs hands
+ *     their slots back.
+ * Each ring is used by exactly one thread (SINGLE_ISSUER when granted).
+ * ====================================================================== */
+
+#ifndef IORING_SETUP_NO_SQARRAY
+#define IORING_SETUP_NO_SQARRAY	(1U << 16)
+#endif
+
+static int sys_io_uring_setup(unsigned entries, struct io_uring_params *p)
+{
+	long r = syscall(__NR_io_uring_setup, entries, p);
+
+	return r < 0 ? -errno : (int)r;
+}
+
+static int sys_io_uring_enter(int fd, unsigned submit, unsigned wait, unsigned flags)
+{
+	long r = syscall(__NR_io_uring_enter, fd, submit, wait, flags, NULL, 0);
+
+	return r < 0 ? -errno : (int)r;
+}
+
+static int sys_io_uring_register(int fd, unsigned op, const void *arg, unsigned n)
+{
+	long r = syscall(__NR_io_uring_register, fd, op, arg, n);
+
+	return r < 0 ? -errno : (int)r;
+}
+
+struct ring {
+	int fd;
+	unsigned flags;			/* IORING_SETUP_* granted */
+	unsigned sq_entries, sq_mask, cq_mask;
+	_Atomic unsigned *sq_head, *sq_tail, *sq_flags, *cq_head, *cq_tail;
+	struct io_uring_cqe *cqes;
+	char *sqes;			/* 128-byte slots (SQE128) */
+	unsigned sq_local_tail;		/* SQEs written, not yet published */
+	void *map;			/* SQ+CQ rings, one mapping */
+	size_t map_len, sqes_len;
+};
+
+#define RING_SQE_SIZE	128
+
+/* Optional setup flags, dropped one at a time (last first) on EINVAL. */
+static const unsigned ring_optional_flags[] = {
+	IORING_SETUP_CQSIZE, IORING_SETUP_SUBMIT_ALL, IORING_SETUP_COOP_TASKRUN,
+	IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN,
+	IORING_SETUP_NO_SQARRAY,
+};
+#define RING_NR_OPTIONAL (sizeof(ring_optional_flags) / sizeof(ring_optional_flags[0]))
+
+static int ring_create(unsigned entries, struct io_uring_params *p)
+{
+	unsigned n = RING_NR_OPTIONAL;
+	int fd;
+
+	do {
+		unsigned flags = IORING_SETUP_SQE128;	/* FUSE commands need it */
+
+		for (unsigned i = 0; i < n; i++)
+			flags |= ring_optional_flags[i];
+		/* COOP_TASKRUN and DEFER_TASKRUN are exclusive: prefer DEFER. */
+		if (flags & IORING_SETUP_DEFER_TASKRUN)
+			flags &= ~IORING_SETUP_COOP_TASKRUN;
+		memset(p, 0, sizeof(*p));
+		p->flags = flags;
+		p->cq_entries = entries * 2;
+		fd = sys_io_uring_setup(entries, p);
+	} while (fd == -EINVAL && n-- > 0);
+	return fd;
+}
+
+static int ring_init(struct ring *r, unsigned entries)
+{
+	struct io_uring_params p;
+	size_t sq_len, cq_len;
+	char *base;
+
+	memset(r, 0, sizeof(*r));
+	r->fd = ring_create(entries, &p);
+	if (r->fd < 0)
+		return r->fd;
+	r->flags = p.flags;
+	if (!(p.features & IORING_FEAT_SINGLE_MMAP)) {
+		close(r->fd);
+		return -EOPNOTSUPP;	/* 5.4+; every FUSE-uring kernel has it */
+	}
+	cq_len = p.cq_off.cqes + p.cq_entries * sizeof(struct io_uring_cqe);
+	sq_len = (p.flags & IORING_SETUP_NO_SQARRAY) ? 0 :
+		 p.sq_off.array + p.sq_entries * sizeof(unsigned);
+	r->map_len = sq_len > cq_len ? sq_len : cq_len;
+	r->map = mmap(NULL, r->map_len, PROT_READ | PROT_WRITE,
+		      MAP_SHARED | MAP_POPULATE, r->fd, IORING_OFF_SQ_RING);
+	r->sqes_len = p.sq_entries * RING_SQE_SIZE;
+	r->sqes = mmap(NULL, r->sqes_len, PROT_READ | PROT_WRITE,
+		       MAP_SHARED | MAP_POPULATE, r->fd, IORING_OFF_SQES);
+	if (r->map == MAP_FAILED || r->sqes == MAP_FAILED) {
+		int err = -errno;
+
+		if (r->map != MAP_FAILED)
+			munmap(r->map, r->map_len);
+		close(r->fd);
+		return err;
+	}
+	base = r->map;
+	r->sq_head = (void *)(base + p.sq_off.head);
+	r->sq_tail = (void *)(base + p.sq_off.tail);
+	r->sq_flags = (void *)(base + p.sq_off.flags);
+	r->sq_mask = *(unsigned *)(base + p.sq_off.ring_mask);
+	r->sq_entries = p.sq_entries;
+	r->cq_head = (void *)(base + p.cq_off.head);
+	r->cq_tail = (void *)(base + p.cq_off.tail);
+	r->cq_mask = *(unsigned *)(base + p.cq_off.ring_mask);
+	r->cqes = (void *)(base + p.cq_off.cqes);
+	if (!(p.flags & IORING_SETUP_NO_SQARRAY)) {
+		unsigned *array = (void *)(base + p.sq_off.array);
+
+		for (unsigned i = 0; i < p.sq_entries; i++)
+			array[i] = i;	/* identity: slot i is SQE i */
+	}
+	r->sq_local_tail = atomic_load_explicit(r->sq_tail, memory_order_relaxed);
+	return 0;
+}
+
+static void ring_exit(struct ring *r)
+{
+	munmap(r->sqes, r->sqes_len);
+	munmap(r->map, r->map_len);
+	close(r->fd);
+}
+
+/* Next free SQE, zeroed.  Callers keep at most sq_entries SQEs outstanding,
+ * so this cannot run out (see ring_queue for the counting argument). */
+static struct io_uring_sqe *ring_sqe(struct ring *r)
+{
+	struct io_uring_sqe *sqe =
+		(void *)(r->sqes + (size_t)(r->sq_local_tail & r->sq_mask) * RING_SQE_SIZE);
+
+	r->sq_local_tail++;
+	memset(sqe, 0, RING_SQE_SIZE);
+	return sqe;
+}
+
+/* Publish written SQEs, submit them, and wait for at least 'wait' CQEs. */
+static int ring_submit_wait(struct ring *r, unsigned wait)
+{
+	unsigned pending;
+	int ret;
+
+	atomic_store_explicit(r->sq_tail, r->sq_local_tail, memory_order_release);
+	pending = r->sq_local_tail - atomic_load_explicit(r->sq_head, memory_order_relaxed);
+	ret = sys_io_uring_enter(r->fd, pending, wait, wait ? IORING_ENTER_GETEVENTS : 0);
+	if (ret == -EINTR || ret == -EAGAIN || ret == -EBUSY)
+		return 0;	/* retried by the caller's loop */
+	return ret < 0 ? ret : 0;
+}
+
+static const char *ring_flags_string(unsigned f, char *buf, size_t cap)
+{
+	snprintf(buf, cap, "SQE128%s%s%s%s%s%s",
+		 f & IORING_SETUP_CQSIZE ? ",CQSIZE" : "",
+		 f & IORING_SETUP_SUBMIT_ALL ? ",SUBMIT_ALL" : "",
+		 f & IORING_SETUP_COOP_TASKRUN ? ",COOP_TASKRUN" : "",
+		 f & IORING_SETUP_SINGLE_ISSUER ? ",SINGLE_ISSUER" : "",
+		 f & IORING_SETUP_DEFER_TASKRUN ? ",DEFER_TASKRUN" : "",
+		 f & IORING_SETUP_NO_SQARRAY ? ",NO_SQARRAY" : "");
+	return buf;
 }
 
 /* ======================================================================
@@ -754,7 +933,7 @@ static int fuse_init(const struct fuse_init_in *in, struct fuse_init_out *out,
 	return 0;
 }
 
-static void fuse_log_request(unsigned worker, const struct fuse_req *req,
+static void fuse_log_request(const char *who, unsigned idx, const struct fuse_req *req,
 			     const struct fuse_reply *rep)
 {
 	const struct fuse_in_header *in = req->in;
@@ -770,8 +949,8 @@ static void fuse_log_request(unsigned worker, const struct fuse_req *req,
 			len = rw->size;
 		}
 	}
-	fprintf(stderr, "uexportd: [%u] %s unique=%llu off=%llu len=%llu -> %d/%zu\n",
-		worker, fuse_opcode_name(in->opcode), (unsigned long long)in->unique,
+	fprintf(stderr, "uexportd: [%s%u] %s unique=%llu off=%llu len=%llu -> %d/%zu\n",
+		who, idx, fuse_opcode_name(in->opcode), (unsigned long long)in->unique,
 		(unsigned long long)off, (unsigned long long)len, rep->error,
 		rep->out_len);
 }
@@ -1165,7 +1344,7 @@ static void devfuse_serve_one(struct devfuse_worker *w, size_t n)
 		rep.error = -EPROTO;		/* INIT is answered once, at mount */
 	} else {
 		fuse_handle(&req, &rep);
-		fuse_log_request(w->idx, &req, &rep);
+		fuse_log_request("dev", w->idx, &req, &rep);
 	}
 	if (!rep.none)
 		devfuse_reply(w, req.in, &rep);
@@ -1261,6 +1440,452 @@ static void devfuse_join(void)
 {
 	for (unsigned i = 0; i < nr_workers; i++)
 		pthread_join(devfuse_workers[i].thread, NULL);
+}
+
+/* ======================================================================
+ * Transport: FUSE-over-io_uring
+ *
+ * The kernel (6.14+) wants one queue per *possible* CPU and routes each
+ * request to the queue of the CPU its caller runs on; the ring only becomes
+ * ready once every queue has an entry registered.  Thread k owns queue k:
+ * its own ring, pinned to CPU k when that CPU is ours to run on.
+ *
+ * A queue has 'depth' entries.  Each entry owns a request header and a
+ * payload buffer, registered once (REGISTER) and reused by every
+ * COMMIT_AND_FETCH; the kernel writes a request into them and completes the
+ * entry's SQE.  Entry life cycle:
+ *
+ *   FETCH  -- parked in the kernel, waiting for a request
+ *   IO     -- image I/O in flight on this ring, into/from the payload
+ *   DONE   -- the kernel ended the entry (unmount, abort): never reused
+ *
+ * Counting invariant: every live entry has exactly one SQE or CQE
+ * outstanding, so a queue never has more than 'depth' SQEs to write or
+ * CQEs to reap; the SQ holds depth entries and the CQ twice that, so
+ * neither can overflow.  A queue's memory is freed only when all its
+ * entries are DONE, i.e. when the kernel can no longer write into them.
+ *
+ * user_data: bit 63 set for image I/O, clear for FUSE commands; the low 32
+ * bits are the entry index.
+ * ====================================================================== */
+
+#define UD_IMAGE_IO	(1ULL << 63)
+_Static_assert(MAX_QUEUE_DEPTH <= UINT32_MAX, "entry index fits user_data");
+_Static_assert(sizeof(struct fuse_uring_cmd_req) <= 80, "fits the SQE128 command area");
+_Static_assert(sizeof(struct fuse_uring_req_header) == 288, "fuse_uring_req_header");
+
+enum { FIXED_FUSE = 0, FIXED_IMAGE = 1, FIXED_IMAGE_BUFFERED = 2 };
+enum ring_entry_state { ENT_FETCH, ENT_IO, ENT_DONE };
+
+struct ring_entry {
+	struct fuse_uring_req_header *hdr;	/* kernel writes the request here */
+	void *payload;				/* and the data; we reply in place */
+	struct iovec iov[2];			/* read by REGISTER at issue time */
+	enum ring_entry_state state;
+	bool registering;			/* REGISTER not yet accepted */
+	struct image_io io;
+	struct fuse_reply rep;
+};
+
+struct ring_queue {
+	pthread_t thread;
+	unsigned qid;
+	int cpu;				/* -1: not pinned */
+	unsigned depth;
+	size_t payload_size;
+	struct ring ring;
+	struct ring_entry *ents;
+	void *hdr_mem, *payload_mem;
+	unsigned live;				/* entries not DONE */
+	int setup_err, register_err;
+	uint64_t served;			/* requests taken from the ring */
+};
+
+static struct ring_queue *ring_queues;
+static unsigned nr_ring_queues;
+static char uring_flags_granted[128];
+
+/* Start-up rendezvous between main and the queue threads. */
+static pthread_mutex_t uring_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t uring_cond = PTHREAD_COND_INITIALIZER;
+static unsigned uring_reported;			/* threads done with a phase */
+static int uring_go = -1;			/* -1 wait, 0 abandon, 1 register */
+
+static void uring_report(void)
+{
+	pthread_mutex_lock(&uring_lock);
+	uring_reported++;
+	pthread_cond_broadcast(&uring_cond);
+	pthread_mutex_unlock(&uring_lock);
+}
+
+static void uring_wait_reports(unsigned n)
+{
+	pthread_mutex_lock(&uring_lock);
+	while (uring_reported < n)
+		pthread_cond_wait(&uring_cond, &uring_lock);
+	pthread_mutex_unlock(&uring_lock);
+}
+
+static int uring_wait_go(void)
+{
+	int go;
+
+	pthread_mutex_lock(&uring_lock);
+	while (uring_go < 0)
+		pthread_cond_wait(&uring_cond, &uring_lock);
+	go = uring_go;
+	pthread_mutex_unlock(&uring_lock);
+	return go;
+}
+
+static void uring_set_go(int go)
+{
+	pthread_mutex_lock(&uring_lock);
+	uring_reported = 0;
+	uring_go = go;
+	pthread_cond_broadcast(&uring_cond);
+	pthread_mutex_unlock(&uring_lock);
+}
+
+/* Number of possible CPUs from /sys/devices/system/cpu/possible ("0-1",
+ * "0,2-5"): the kernel's queue count.  Never guessed. */
+static int possible_cpus(void)
+{
+	char buf[256], *p = buf;
+	int n = 0;
+
+	if (read_small_file("/sys/devices/system/cpu/possible", buf, sizeof(buf)) <= 0)
+		return -ENOENT;
+	while (*p && *p != '\n') {
+		char *end;
+		long a = strtol(p, &end, 10), b = a;
+
+		if (end == p)
+			return -EINVAL;
+		if (*end == '-') {
+			p = end + 1;
+			b = strtol(p, &end, 10);
+		}
+		n += (int)(b - a + 1);
+		p = *end == ',' ? end + 1 : end;
+	}
+	return n > 0 ? n : -EINVAL;
+}
+
+static int ring_queue_setup(struct ring_queue *q)
+{
+	size_t hdr_size = round_up(sizeof(struct fuse_uring_req_header), 64);
+	int files[3] = { fuse_dev_fd, img.fd, img.fd_buffered };
+	int err;
+
+	err = ring_init(&q->ring, q->depth);
+	if (err)
+		return err;
+	err = sys_io_uring_register(q->ring.fd, IORING_REGISTER_FILES, files,
+				    img.backend == BACKEND_NULL ? 1 : 3);
+	if (err < 0)
+		return err;
+	q->ents = calloc(q->depth, sizeof(*q->ents));
+	q->hdr_mem = buffer_alloc(round_up(hdr_size * q->depth, page_size()));
+	q->payload_mem = buffer_alloc(q->payload_size * q->depth);
+	if (!q->ents || !q->hdr_mem || !q->payload_mem)
+		return -ENOMEM;
+	for (unsigned i = 0; i < q->depth; i++) {
+		struct ring_entry *e = &q->ents[i];
+
+		e->hdr = (void *)((char *)q->hdr_mem + hdr_size * i);
+		e->payload = (char *)q->payload_mem + q->payload_size * i;
+		e->iov[0] = (struct iovec){ e->hdr, sizeof(*e->hdr) };
+		e->iov[1] = (struct iovec){ e->payload, q->payload_size };
+	}
+	return 0;
+}
+
+static void ring_queue_free(struct ring_queue *q)
+{
+	size_t hdr_size = round_up(sizeof(struct fuse_uring_req_header), 64);
+
+	if (q->payload_mem)
+		munmap(q->payload_mem, q->payload_size * q->depth);
+	if (q->hdr_mem)
+		munmap(q->hdr_mem, round_up(hdr_size * q->depth, page_size()));
+	free(q->ents);
+	if (q->ring.map)
+		ring_exit(&q->ring);
+}
+
+/* Queue the FUSE command that parks entry i: REGISTER the first time,
+ * COMMIT_AND_FETCH (carrying the reply now in its buffers) afterwards. */
+static void ring_queue_fuse_cmd(struct ring_queue *q, unsigned i)
+{
+	struct ring_entry *e = &q->ents[i];
+	struct io_uring_sqe *sqe = ring_sqe(&q->ring);
+	struct fuse_uring_cmd_req *cmd = (void *)sqe->cmd;
+
+	sqe->opcode = IORING_OP_URING_CMD;
+	sqe->flags = IOSQE_FIXED_FILE;
+	sqe->fd = FIXED_FUSE;
+	sqe->user_data = i;
+	cmd->qid = (uint16_t)q->qid;
+	if (e->registering) {
+		sqe->cmd_op = FUSE_IO_URING_CMD_REGISTER;
+		sqe->addr = (uintptr_t)e->iov;
+		sqe->len = 2;
+	} else {
+		sqe->cmd_op = FUSE_IO_URING_CMD_COMMIT_AND_FETCH;
+		cmd->commit_id = e->hdr->ring_ent_in_out.commit_id;
+	}
+	e->state = ENT_FETCH;
+}
+
+/* Write the reply into the entry's header and queue its commit.  This
+ * overwrites the request header: the request must be finished with. */
+static void ring_queue_commit(struct ring_queue *q, unsigned i)
+{
+	struct ring_entry *e = &q->ents[i];
+	struct fuse_in_header *in = (void *)e->hdr->in_out;
+	struct fuse_out_header out = {
+		.error = e->rep.error,
+		.unique = in->unique,
+	};
+
+	e->hdr->ring_ent_in_out.payload_sz = e->rep.error ? 0 : (uint32_t)e->rep.out_len;
+	out.len = (uint32_t)(sizeof(out) + e->hdr->ring_ent_in_out.payload_sz);
+	memcpy(e->hdr->in_out, &out, sizeof(out));
+	ring_queue_fuse_cmd(q, i);
+}
+
+/* Point 'req' at the request in entry e; -EINVAL if its lengths disagree. */
+static int ring_queue_parse(struct ring_entry *e, struct fuse_req *req)
+{
+	const struct fuse_in_header *in = (const void *)e->hdr->in_out;
+	uint32_t payload = e->hdr->ring_ent_in_out.payload_sz;
+	size_t hdr_and_payload = sizeof(*in) + (size_t)payload;
+
+	req->in = in;
+	req->arg = e->hdr->op_in;
+	req->arg_len = 0;
+	req->data = e->payload;
+	req->data_len = payload;
+	if (in->len < hdr_and_payload || in->len - hdr_and_payload > FUSE_URING_OP_IN_OUT_SZ)
+		return -EINVAL;
+	req->arg_len = in->len - hdr_and_payload;
+	return 0;
+}
+
+static void ring_queue_image_io(struct ring_queue *q, unsigned i)
+{
+	struct ring_entry *e = &q->ents[i];
+	struct io_uring_sqe *sqe = ring_sqe(&q->ring);
+
+	sqe->opcode = e->io.write ? IORING_OP_WRITE : IORING_OP_READ;
+	sqe->flags = IOSQE_FIXED_FILE;
+	sqe->fd = e->io.fd == img.fd ? FIXED_IMAGE : FIXED_IMAGE_BUFFERED;
+	sqe->addr = (uintptr_t)e->io.buf;
+	sqe->len = e->io.len;
+	sqe->off = e->io.off;
+	sqe->user_data = UD_IMAGE_IO | i;
+	e->state = ENT_IO;
+}
+
+/* A request arrived in entry i: answer it now, or start its image I/O. */
+static void ring_queue_request(struct ring_queue *q, unsigned i)
+{
+	struct ring_entry *e = &q->ents[i];
+	struct fuse_req req;
+
+	e->rep = (struct fuse_reply){ .out = e->payload, .out_cap = q->payload_size };
+	__atomic_store_n(&q->served, q->served + 1, __ATOMIC_RELAXED);
+	if (ring_queue_parse(e, &req) < 0) {
+		e->rep.error = -EINVAL;
+	} else if (req.in->opcode == FUSE_READ || req.in->opcode == FUSE_WRITE) {
+		if (fuse_io_prepare(&req, &e->rep, &e->io)) {
+			ring_queue_image_io(q, i);
+			return;
+		}
+	} else {
+		fuse_handle(&req, &e->rep);
+	}
+	fuse_log_request("q", q->qid, &req, &e->rep);
+	ring_queue_commit(q, i);
+}
+
+static void ring_queue_io_done(struct ring_queue *q, unsigned i, int res)
+{
+	struct ring_entry *e = &q->ents[i];
+	struct fuse_req req;
+
+	fuse_io_done(&e->io, res, &e->rep);
+	if (log_debug && ring_queue_parse(e, &req) == 0)
+		fuse_log_request("q", q->qid, &req, &e->rep);
+	ring_queue_commit(q, i);
+}
+
+static void ring_queue_fuse_done(struct ring_queue *q, unsigned i, int res)
+{
+	struct ring_entry *e = &q->ents[i];
+
+	if (res == 0) {
+		e->registering = false;
+		ring_queue_request(q, i);
+		return;
+	}
+	if (res == -EAGAIN || res == -EINTR) {	/* e.g. REGISTER racing INIT */
+		ring_queue_fuse_cmd(q, i);
+		return;
+	}
+	/* -ENOTCONN/-ECANCELED/-ENODEV: the connection is gone (normal end). */
+	if (e->registering && !q->register_err)
+		q->register_err = res;
+	else if (res != -ENOTCONN && res != -ECANCELED && res != -ENODEV && !stopping)
+		log_err("queue %u: entry %u: %s", q->qid, i, strerror(-res));
+	e->state = ENT_DONE;
+	q->live--;
+}
+
+static int ring_queue_reap(struct ring_queue *q)
+{
+	struct ring *r = &q->ring;
+	unsigned head = atomic_load_explicit(r->cq_head, memory_order_relaxed);
+	unsigned tail = atomic_load_explicit(r->cq_tail, memory_order_acquire);
+	int n = 0;
+
+	for (; head != tail; head++, n++) {
+		const struct io_uring_cqe *cqe = &r->cqes[head & r->cq_mask];
+		unsigned i = (unsigned)cqe->user_data;
+
+		if (cqe->user_data & UD_IMAGE_IO)
+			ring_queue_io_done(q, i, cqe->res);
+		else
+			ring_queue_fuse_done(q, i, cqe->res);
+	}
+	atomic_store_explicit(r->cq_head, head, memory_order_release);
+	return n;
+}
+
+/* Submit every REGISTER; report failures the kernel gives back at once. */
+static void ring_queue_register(struct ring_queue *q)
+{
+	for (unsigned i = 0; i < q->depth; i++) {
+		q->ents[i].registering = true;
+		ring_queue_fuse_cmd(q, i);
+	}
+	q->live = q->depth;
+	q->register_err = ring_submit_wait(&q->ring, 0);
+	/* A REGISTER the kernel accepts stays parked without a CQE; one it
+	 * refuses completes at once.  Collect those (and resubmit EAGAIN). */
+	while (!q->register_err) {
+		if (ring_submit_wait(&q->ring, 0) < 0 || ring_queue_reap(q) == 0)
+			break;
+	}
+}
+
+static void ring_queue_serve(struct ring_queue *q)
+{
+	while (q->live > 0) {
+		int err = ring_submit_wait(&q->ring, 1);
+
+		if (err < 0) {
+			log_err("queue %u: io_uring_enter: %s", q->qid, strerror(-err));
+			sleep_ms(10);
+		}
+		ring_queue_reap(q);
+	}
+}
+
+static void *ring_queue_main(void *arg)
+{
+	struct ring_queue *q = arg;
+
+	pin_to_cpu(q->cpu);
+	q->setup_err = ring_queue_setup(q);
+	uring_report();
+	if (uring_wait_go() == 1 && !q->setup_err) {
+		ring_queue_register(q);
+		uring_report();
+		ring_queue_serve(q);
+	}
+	ring_queue_free(q);
+	worker_exited();
+	return NULL;
+}
+
+static void uring_join(void)
+{
+	for (unsigned k = 0; k < nr_ring_queues; k++)
+		pthread_join(ring_queues[k].thread, NULL);
+}
+
+/*
+ * Create the queue threads and wait until each has its ring and buffers.
+ * Returns 0 when all are ready; otherwise the threads are told to quit.
+ */
+static int uring_setup(unsigned depth, const char **why)
+{
+	int nq = possible_cpus(), cpus[CPU_SETSIZE];
+	unsigned nallowed = cpu_list(cpus, CPU_SETSIZE);
+	int err = 0;
+
+	if (nq < 0) {
+		*why = "cannot read /sys/devices/system/cpu/possible";
+		return nq;
+	}
+	ring_queues = calloc((size_t)nq, sizeof(*ring_queues));
+	if (!ring_queues)
+		return -ENOMEM;
+	for (int k = 0; k < nq; k++) {
+		struct ring_queue *q = &ring_queues[k];
+		bool allowed = false;
+
+		for (unsigned j = 0; j < nallowed; j++)
+			allowed |= cpus[j] == k;
+		q->qid = (unsigned)k;
+		q->cpu = allowed ? k : -1;	/* offline or not ours: unpinned */
+		q->depth = depth;
+		q->payload_size = round_up(fuse_max_write > FUSE_MIN_READ_BUFFER ?
+					   fuse_max_write : FUSE_MIN_READ_BUFFER, page_size());
+		if (pthread_create(&q->thread, NULL, ring_queue_main, q)) {
+			err = -EAGAIN;
+			break;
+		}
+		nr_ring_queues++;
+		atomic_fetch_add(&workers_live, 1);
+	}
+	uring_wait_reports(nr_ring_queues);
+	for (unsigned k = 0; k < nr_ring_queues && !err; k++)
+		err = ring_queues[k].setup_err;
+	if (!err && nr_ring_queues)
+		ring_flags_string(ring_queues[0].ring.flags, uring_flags_granted,
+				  sizeof(uring_flags_granted));
+	if (err) {
+		*why = "io_uring setup failed";
+		uring_set_go(0);
+		uring_join();
+		nr_ring_queues = 0;
+	}
+	return err;
+}
+
+/* After the INIT reply: let the queues REGISTER and collect the verdict. */
+static int uring_register_all(void)
+{
+	int err = 0;
+
+	uring_set_go(1);
+	uring_wait_reports(nr_ring_queues);
+	for (unsigned k = 0; k < nr_ring_queues && !err; k++)
+		err = ring_queues[k].register_err;
+	return err;
+}
+
+static uint64_t uring_served(void)
+{
+	uint64_t n = 0;
+
+	for (unsigned k = 0; k < nr_ring_queues; k++)
+		n += __atomic_load_n(&ring_queues[k].served, __ATOMIC_RELAXED);
+	return n;
 }
 
 /* ======================================================================
@@ -1797,61 +2422,179 @@ static int open_image(const struct options *o)
 	return err;
 }
 
-/* Read FUSE_INIT from the fresh connection and answer it. */
-static int fuse_handshake(unsigned nr_threads)
+/* Why the kernel did not offer FUSE_OVER_IO_URING. */
+static const char *uring_unavailable_reason(void)
 {
-	size_t cap = FUSE_MIN_READ_BUFFER;
-	char *buf = malloc(cap);
+	char v[8];
+
+	if (read_small_file("/sys/module/fuse/parameters/enable_uring", v, sizeof(v)) <= 0)
+		return "kernel has no FUSE-over-io_uring (needs Linux 6.14+)";
+	if (v[0] != 'Y')
+		return "enable_uring is off";
+	return "kernel did not offer FUSE_OVER_IO_URING";
+}
+
+/*
+ * Read FUSE_INIT from the fresh connection and answer it, setting up the
+ * io_uring queues first when wanted: FUSE_OVER_IO_URING may be offered in
+ * the reply only once every ring and buffer exists (the kernel blocks all
+ * requests until the rings are ready), and REGISTERs may go out only after
+ * the reply is written.  On return *reason is NULL if the rings are
+ * registered, else why the export runs on /dev/fuse.
+ */
+static int fuse_handshake(const struct options *o, unsigned nr_cpus, const char **reason)
+{
+	static char why[128];
+	char *buf = malloc(FUSE_MIN_READ_BUFFER);
 	struct {
 		struct fuse_out_header hdr;
 		struct fuse_init_out init;
 	} reply;
 	const struct fuse_in_header *in = (const void *)buf;
+	const struct fuse_init_in *init = (const void *)(in + 1);
+	bool uring = false;
 	ssize_t n;
 	int err;
 
 	if (!buf)
 		return -ENOMEM;
 	do {
-		n = read(fuse_dev_fd, buf, cap);
+		n = read(fuse_dev_fd, buf, FUSE_MIN_READ_BUFFER);
 	} while (n < 0 && errno == EINTR);
 	err = n < 0 ? -errno : 0;
-	if (!err && ((size_t)n < sizeof(*in) + sizeof(struct fuse_init_in) ||
-		     in->opcode != FUSE_INIT))
+	if (!err && ((size_t)n < sizeof(*in) + sizeof(*init) || in->opcode != FUSE_INIT))
 		err = -EPROTO;
-	if (!err) {
-		err = fuse_init((const void *)(in + 1), &reply.init, 0, nr_threads);
-		reply.hdr.len = sizeof(reply);
-		reply.hdr.error = err;
-		reply.hdr.unique = in->unique;
-		if (err)
-			reply.hdr.len = sizeof(reply.hdr);
-		if (write(fuse_dev_fd, &reply, reply.hdr.len) < 0 && !err)
-			err = -errno;
+	if (!err)
+		err = fuse_init(init, &reply.init, 0, nr_cpus);
+	*reason = "--io-uring=off";
+	if (!err && o->io_uring != TRI_OFF) {
+		bool offered = (init->flags & FUSE_INIT_EXT) &&
+			       ((uint64_t)init->flags2 << 32 & FUSE_OVER_IO_URING);
+		int uerr = -EOPNOTSUPP;
+
+		*reason = uring_unavailable_reason();
+		if (offered)
+			uerr = uring_setup(o->queue_depth, reason);
+		if (offered && uerr) {
+			snprintf(why, sizeof(why), "%s: %s", *reason, strerror(-uerr));
+			*reason = why;
+		}
+		uring = !uerr;
+		if (uring)
+			reply.init.flags2 |= (uint32_t)(FUSE_OVER_IO_URING >> 32);
 	}
+	reply.hdr.len = err ? sizeof(reply.hdr) : sizeof(reply);
+	reply.hdr.error = err;
+	reply.hdr.unique = n > 0 ? in->unique : 0;
+	if (n > 0 && write(fuse_dev_fd, &reply, reply.hdr.len) < 0 && !err)
+		err = -errno;
 	free(buf);
+	if (uring && !err) {
+		int rerr = uring_register_all();
+
+		*reason = NULL;
+		if (rerr) {
+			/* The kernel has downgraded the connection to /dev/fuse. */
+			snprintf(why, sizeof(why), "io_uring REGISTER failed: %s", strerror(-rerr));
+			*reason = why;
+		}
+	} else if (uring) {
+		uring_set_go(0);
+		uring_join();
+		nr_ring_queues = 0;
+	}
 	return err;
 }
 
-static void log_startup(const struct options *o, const char *transport,
-			unsigned threads, const char *reason)
+/* Ask for our own attributes: the GETATTR must come through a ring, else
+ * the kernel is not using them (a silent downgrade we must not hide). */
+static bool uring_confirmed(const struct options *o)
 {
-	char line[1024];
-	int prio = LOG_INFO;
+	struct stat st;
 
-	snprintf(line, sizeof(line),
-		 "%s (%llu bytes, %s%s) on %s: transport=%s threads=%u%s%s",
+	return stat(o->mountpoint_abs, &st) == 0 && uring_served() > 0;
+}
+
+static void log_startup(const struct options *o, const char *reason)
+{
+	char line[1024], how[256];
+
+	if (reason)
+		snprintf(how, sizeof(how), "transport=dev-fuse threads=%u reason=%s",
+			 nr_workers, reason);
+	else
+		snprintf(how, sizeof(how), "transport=uring queues=%u depth=%u",
+			 nr_ring_queues, o->queue_depth);
+	snprintf(line, sizeof(line), "%s (%llu bytes, %s%s) on %s: %s",
 		 o->image, (unsigned long long)img.size, img.writable ? "rw" : "ro",
-		 img.growable ? ",growable" : "", o->mountpoint, transport, threads,
-		 reason ? " reason=" : "", reason ? reason : "");
-	/* Foreground, or -v: on stderr.  Daemonized: syslog (after the
-	 * handshake), which log_vmsg picks once stderr is gone. */
+		 img.growable ? ",growable" : "", o->mountpoint, how);
+	/* Foreground, or -v: on stderr.  Daemonized: also syslog. */
 	if (o->foreground || log_verbose)
 		fprintf(stderr, "uexportd: %s\n", line);
 	if (!o->foreground) {
 		openlog("uexportd", LOG_PID, LOG_DAEMON);
-		syslog(prio, "%s", line);
+		syslog(LOG_INFO, "%s", line);
 	}
+	if (!reason)
+		log_info("io_uring: setup flags %s, payload %u bytes per entry",
+			 uring_flags_granted, fuse_max_write);
+}
+
+static int mount_error(const struct mount_opts *mo, const struct options *o, int err)
+{
+	if (err == -ENOENT && mo->privileged)
+		log_err("open /dev/fuse: %s (is the fuse module loaded?)", strerror(-err));
+	else if (err == -ENOENT)
+		log_err("fusermount3 not found: install fuse3 or run as root");
+	else
+		log_err("mount on %s: %s", o->mountpoint, strerror(-err));
+	return err;
+}
+
+/* Mount, negotiate, start the transports; returns once serving. */
+static int start_export(struct options *o, struct mount_opts *mo)
+{
+	const char *reason;
+	int cpus[CPU_SETSIZE];
+	int err;
+
+	if (o->io_uring == TRI_ON && strcmp(uring_unavailable_reason(), "enable_uring is off") == 0) {
+		log_err("--io-uring=on: FUSE-over-io_uring is off "
+			"(echo Y > /sys/module/fuse/parameters/enable_uring)");
+		return -EOPNOTSUPP;
+	}
+	fuse_dev_fd = mount_export(mo, o->allow_other == TRI_AUTO);
+	if (fuse_dev_fd < 0)
+		return mount_error(mo, o, fuse_dev_fd);
+	err = fuse_handshake(o, cpu_list(cpus, CPU_SETSIZE), &reason);
+	/* /dev/fuse threads run in io_uring mode too: FORGET and INTERRUPT
+	 * always arrive there, and so does everything after a downgrade. */
+	if (!err)
+		err = devfuse_start();
+	if (!err && !reason && !uring_confirmed(o))
+		reason = "kernel did not deliver requests through the rings";
+	if (!err && reason && o->io_uring == TRI_ON) {
+		log_err("--io-uring=on: FUSE-over-io_uring unavailable: %s", reason);
+		err = -EOPNOTSUPP;
+	} else if (err) {
+		log_err("start on %s: %s", o->mountpoint, strerror(-err));
+	}
+	if (!err && o->pidfile && (err = pidfile_write(o->pidfile)) < 0)
+		log_err("pidfile %s: %s", o->pidfile, strerror(-err));
+	if (!err)
+		log_startup(o, reason);
+	return err;
+}
+
+static void stop_export(const struct options *o, const struct mount_opts *mo)
+{
+	shutdown_export(mo);
+	devfuse_join();
+	uring_join();
+	if (img.writable && image_sync(false) < 0)
+		log_err("flush %s: %s", o->image, strerror(errno));
+	if (o->pidfile)
+		unlink(o->pidfile);
 }
 
 static int serve(struct options *o)
@@ -1860,43 +2603,16 @@ static int serve(struct options *o)
 		.source = o->image, .target = o->mountpoint_abs,
 		.allow_other = o->allow_other != TRI_OFF, .privileged = geteuid() == 0,
 	};
-	const char *reason = "--io-uring=off";
 	siginfo_t si;
 	sigset_t set;
-	int err;
+	int err, threads;
 
-	if (o->io_uring == TRI_ON) {
-		log_err("--io-uring=on: the io_uring transport is not available in this build");
-		return -EOPNOTSUPP;
-	}
-	if (o->io_uring == TRI_AUTO)
-		reason = "io_uring transport not built";
-
-	fuse_dev_fd = mount_export(&mo, o->allow_other == TRI_AUTO);
-	if (fuse_dev_fd < 0) {
-		err = fuse_dev_fd;
-		if (err == -ENOENT && mo.privileged)
-			log_err("open /dev/fuse: %s (is the fuse module loaded?)", strerror(-err));
-		else if (err == -ENOENT)
-			log_err("fusermount3 not found: install fuse3 or run as root");
-		else
-			log_err("mount on %s: %s", o->mountpoint, strerror(-err));
-		return err;
-	}
-	err = fuse_handshake(1);
-	if (!err)
-		err = devfuse_start();
+	err = start_export(o, &mo);
 	if (err) {
-		log_err("start on %s: %s", o->mountpoint, strerror(-err));
-		shutdown_export(&mo);
+		if (fuse_dev_fd >= 0)
+			stop_export(o, &mo);
 		return err;
 	}
-	if (o->pidfile && (err = pidfile_write(o->pidfile)) < 0) {
-		log_err("pidfile %s: %s", o->pidfile, strerror(-err));
-		shutdown_export(&mo);
-		return err;
-	}
-	log_startup(o, "dev-fuse", nr_workers, reason);
 	daemonize_finish();
 	notify_ready();
 
@@ -1905,6 +2621,7 @@ static int serve(struct options *o)
 	sigaddset(&set, SIGTERM);
 	sigaddset(&set, SIGHUP);
 	sigaddset(&set, SIGUSR1);
+	threads = atomic_load(&workers_live);
 	for (;;) {
 		if (sigwaitinfo(&set, &si) < 0)
 			continue;
@@ -1912,15 +2629,10 @@ static int serve(struct options *o)
 			log_info("signal %d: shutting down", si.si_signo);
 			break;
 		}
-		if (atomic_load(&workers_live) < (int)nr_workers)
+		if (atomic_load(&workers_live) < threads)
 			break;		/* unmounted, or a thread failed */
 	}
-	shutdown_export(&mo);
-	devfuse_join();
-	if (img.writable && image_sync(false) < 0)
-		log_err("flush %s: %s", o->image, strerror(errno));
-	if (o->pidfile)
-		unlink(o->pidfile);
+	stop_export(o, &mo);
 	return 0;
 }
 

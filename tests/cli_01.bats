@@ -154,7 +154,7 @@ load helpers
 	wait_until 10 is_mounted "$MNT"
 	wait_until 5 grep -q "transport=" "$LOG"
 	dd if="$MNT" of=/dev/null bs=4k count=1 skip=3 status=none
-	wait_until 5 grep -q "READ unique=[0-9]* off=12288 len=4096 -> 0/4096" "$LOG"
+	wait_until 5 grep -q "\] READ unique=[0-9]* off=12288 len=4096 -> 0/4096" "$LOG"
 	kill -TERM $pid
 	wait $pid
 }

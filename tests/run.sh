@@ -25,6 +25,11 @@ if [ -w "$param" ] && [ "$(cat $param)" != Y ]; then
 fi
 
 transports=(dev-fuse)
+if [ -r "$param" ] && [ "$(cat $param)" = Y ]; then
+	transports=(uring dev-fuse)
+else
+	echo "SKIP io_uring transport run: $param is not Y (needs Linux 6.14+ and root to enable)"
+fi
 [ -n "${TRANSPORTS:-}" ] && read -r -a transports <<<"$TRANSPORTS"
 
 export BATS_TEST_TIMEOUT=${BATS_TEST_TIMEOUT:-180}

@@ -1,0 +1,104 @@
+#!/usr/bin/env bats
+# FUSE-over-io_uring specifics: selection and fallback, one ring per queue,
+# every CPU's queue serving.
+
+load helpers
+
+PARAM=/sys/module/fuse/parameters/enable_uring
+
+require_uring_run() {
+	[ "$UEXPORTD_TRANSPORT" = uring ] || skip "io_uring transport run only"
+	require_root
+}
+
+# set_enable_uring Y|N: flipped for this test, restored by teardown.
+set_enable_uring() {
+	[ -w "$PARAM" ] || skip "needs a writable $PARAM (Linux 6.14+, root)"
+	URING_PARAM_OLD=$(cat "$PARAM")
+	echo "$1" > "$PARAM"
+}
+
+teardown() {
+	[ -n "${URING_PARAM_OLD:-}" ] && echo "$URING_PARAM_OLD" > "$PARAM"
+	local pid
+	[ -f "$PIDFILE" ] && pid=$(cat "$PIDFILE") && kill -9 "$pid" 2>/dev/null
+	umount -l "$MNT" 2>/dev/null || true
+}
+
+@test "enable_uring=N: auto falls back to /dev/fuse and says why; on refuses" {
+	require_root
+	set_enable_uring N
+	random_file "$IMG" 64K
+	run "$UEXPORTD" --io-uring=on -f "$IMG" "$MNT"
+	[ "$status" -ne 0 ]
+	[[ "$output" == *"enable_uring"* ]]
+	not_mounted "$MNT"
+	"$UEXPORTD" --io-uring=auto -v -p "$PIDFILE" "$IMG" "$MNT" 2>"$LOG"
+	DPID=$(cat "$PIDFILE")
+	grep -q "transport=dev-fuse threads=[0-9]* reason=enable_uring is off" "$LOG"
+	cmp "$IMG" "$MNT"
+	stop_export
+}
+
+@test "enable_uring=Y: the default start-up uses io_uring" {
+	require_root
+	set_enable_uring Y
+	random_file "$IMG" 64K
+	"$UEXPORTD" -v -p "$PIDFILE" "$IMG" "$MNT" 2>"$LOG"
+	DPID=$(cat "$PIDFILE")
+	grep -q "transport=uring queues=$(( $(cut -d- -f2 /sys/devices/system/cpu/possible) + 1 )) depth=64" "$LOG"
+	cmp "$IMG" "$MNT"
+	stop_export
+}
+
+@test "--io-uring=off never uses io_uring" {
+	require_root
+	random_file "$IMG" 64K
+	"$UEXPORTD" --io-uring=off -v -p "$PIDFILE" "$IMG" "$MNT" 2>"$LOG"
+	DPID=$(cat "$PIDFILE")
+	grep -q "transport=dev-fuse threads=[0-9]* reason=--io-uring=off" "$LOG"
+	[ "$(ls -l /proc/$DPID/fd | grep -c 'io_uring')" = 0 ]
+	stop_export
+}
+
+@test "one ring per possible CPU in the daemon" {
+	require_uring_run
+	random_file "$IMG" 64K
+	start_export "$IMG" "$MNT"
+	possible=$(( $(cut -d- -f2 /sys/devices/system/cpu/possible) + 1 ))
+	[ "$(ls -l /proc/$DPID/fd | grep -c 'io_uring')" = "$possible" ]
+	stop_export
+}
+
+@test "clients pinned to each CPU are served through the ring of that CPU" {
+	require_uring_run
+	require_cmd taskset
+	random_file "$IMG" 1M
+	"$UEXPORTD" $(transport_opt) -d -w "$IMG" "$MNT" 2>"$LOG" &
+	pid=$!
+	wait_until 10 is_mounted "$MNT"
+	wait_until 5 grep -q "transport=uring" "$LOG"
+	for cpu in $(seq 0 $(( $(nproc) - 1 ))); do
+		off=$(( 4096 * (cpu + 7) ))
+		taskset -c "$cpu" dd if="$IMG" of="$MNT" bs=4096 count=1 skip=$((cpu + 7)) seek=$((cpu + 7)) conv=notrunc,fsync status=none
+		taskset -c "$cpu" dd if="$MNT" of=/dev/null bs=4096 count=1 skip=$((cpu + 7)) iflag=direct status=none
+		wait_until 5 grep -q "\[q$cpu\] READ unique=[0-9]* off=$off len=4096 -> 0/4096" "$LOG"
+		grep -q "\[q$cpu\] WRITE unique=[0-9]* off=$off len=4096 -> 0/8" "$LOG"
+	done
+	kill -TERM $pid
+	wait $pid
+	not_mounted "$MNT"
+	[ "$(grep -c '\[dev[0-9]*\] \(READ\|WRITE\)' "$LOG")" = 0 ]
+}
+
+@test "deep queues on every CPU with fio verify (queue depth 256 per job)" {
+	require_root
+	require_cmd fio
+	truncate -s 256M "$IMG"
+	start_export -w -q 128 "$IMG" "$MNT"
+	run fio --name=deep --filename="$MNT" --direct=1 --ioengine=io_uring --iodepth=256 \
+		--rw=randwrite --bs=4k --numjobs="$(nproc)" --size=32M --offset_increment=64M \
+		--verify=crc32c --verify_fatal=1 --verify_state_save=0 --group_reporting
+	[ "$status" -eq 0 ] || { echo "$output"; false; }
+	stop_export
+}
