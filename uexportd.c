@@ -72,6 +72,12 @@
 #ifndef FALLOC_FL_ZERO_RANGE
 #define FALLOC_FL_ZERO_RANGE	0x10
 #endif
+#ifndef TMPFS_MAGIC
+#define TMPFS_MAGIC		0x01021994
+#endif
+#ifndef RAMFS_MAGIC
+#define RAMFS_MAGIC		0x858458f6
+#endif
 #ifndef SEEK_DATA
 #define SEEK_DATA		3
 #define SEEK_HOLE		4
@@ -456,6 +462,7 @@ struct image {
 	const char *path;		/* as given, for messages */
 	enum backend backend;
 	bool writable, growable, direct;
+	bool in_memory;			/* tmpfs/ramfs: I/O never blocks */
 	int fd;				/* O_DIRECT when --direct */
 	int fd_buffered;		/* for I/O that O_DIRECT cannot do; == fd otherwise */
 	uint32_t align;			/* O_DIRECT alignment of offset, length, buffer */
@@ -501,6 +508,7 @@ struct image_io {
 	int fd;
 	uint64_t off;
 	uint32_t len;
+	uint32_t done;		/* bytes already transferred (see image_io_nowait) */
 	void *buf;
 };
 
@@ -521,6 +529,7 @@ static int image_sync(bool datasync);
 static int image_fd_for(uint64_t off, uint32_t len, const void *buf);
 static void image_size_grow(uint64_t end);
 static ssize_t image_io_sync(const struct image_io *io);
+static ssize_t image_io_nowait(struct image_io *io);
 
 /* ======================================================================
  * FUSE protocol: transport-independent request handlers
@@ -1016,6 +1025,12 @@ static int image_open_path(const char *path)
 		if (img.align < page_size())
 			img.align = (uint32_t)page_size();
 	}
+	{
+		struct statfs sfs;
+
+		img.in_memory = fstatfs(fd, &sfs) == 0 &&
+			(sfs.f_type == TMPFS_MAGIC || sfs.f_type == RAMFS_MAGIC);
+	}
 	img.atime = st.st_atim;
 	img.mtime = st.st_mtim;
 	img.ctime = st.st_ctim;
@@ -1047,6 +1062,41 @@ static ssize_t image_io_sync(const struct image_io *io)
 	if (io->write)
 		return pwrite_full(io->fd, io->buf, io->len, (off_t)io->off);
 	return pread_full(io->fd, io->buf, io->len, (off_t)io->off);
+}
+
+/*
+ * Try the I/O without blocking: when the data is in the host page cache, a
+ * copy here is far cheaper than a trip through the ring.  A tmpfs image
+ * never blocks, and tmpfs cannot do non-blocking ring I/O (every request
+ * would go to an io-wq worker thread), so it is always done here.  Other
+ * files use RWF_NOWAIT.  Returns the byte count when complete, or -EAGAIN
+ * with io->done set to what was transferred, so the ring does the rest.
+ * Never used for O_DIRECT I/O.
+ */
+static bool nowait_read_ok = true, nowait_write_ok = true;
+
+static ssize_t image_io_nowait(struct image_io *io)
+{
+	bool *ok = io->write ? &nowait_write_ok : &nowait_read_ok;
+	struct iovec iov = { io->buf, io->len };
+	ssize_t n;
+
+	io->done = 0;
+	if (img.in_memory)
+		return image_io_sync(io);
+	if (!*ok || (img.direct && io->fd == img.fd))
+		return -EAGAIN;
+	n = io->write ? pwritev2(io->fd, &iov, 1, (off_t)io->off, RWF_NOWAIT)
+		      : preadv2(io->fd, &iov, 1, (off_t)io->off, RWF_NOWAIT);
+	if (n < 0) {
+		if (errno == EOPNOTSUPP)
+			*ok = false;	/* this file system cannot: stop trying */
+		return errno == EAGAIN || errno == EOPNOTSUPP ? -EAGAIN : -errno;
+	}
+	if ((size_t)n == io->len || (n == 0 && !io->write))
+		return n;
+	io->done = (uint32_t)n;
+	return -EAGAIN;
 }
 
 /* Raise img.size to 'end' if smaller (concurrent growing writes race here). */
@@ -1682,9 +1732,9 @@ static void ring_queue_image_io(struct ring_queue *q, unsigned i)
 	sqe->opcode = e->io.write ? IORING_OP_WRITE : IORING_OP_READ;
 	sqe->flags = IOSQE_FIXED_FILE;
 	sqe->fd = e->io.fd == img.fd ? FIXED_IMAGE : FIXED_IMAGE_BUFFERED;
-	sqe->addr = (uintptr_t)e->io.buf;
-	sqe->len = e->io.len;
-	sqe->off = e->io.off;
+	sqe->addr = (uintptr_t)e->io.buf + e->io.done;
+	sqe->len = e->io.len - e->io.done;
+	sqe->off = e->io.off + e->io.done;
 	sqe->user_data = UD_IMAGE_IO | i;
 	e->state = ENT_IO;
 }
@@ -1701,8 +1751,13 @@ static void ring_queue_request(struct ring_queue *q, unsigned i)
 		e->rep.error = -EINVAL;
 	} else if (req.in->opcode == FUSE_READ || req.in->opcode == FUSE_WRITE) {
 		if (fuse_io_prepare(&req, &e->rep, &e->io)) {
-			ring_queue_image_io(q, i);
-			return;
+			ssize_t n = image_io_nowait(&e->io);
+
+			if (n == -EAGAIN) {
+				ring_queue_image_io(q, i);
+				return;
+			}
+			fuse_io_done(&e->io, n, &e->rep);
 		}
 	} else {
 		fuse_handle(&req, &e->rep);
@@ -1716,6 +1771,9 @@ static void ring_queue_io_done(struct ring_queue *q, unsigned i, int res)
 	struct ring_entry *e = &q->ents[i];
 	struct fuse_req req;
 
+	/* A failure after a partial transfer is a short transfer. */
+	if (res >= 0 || e->io.done)
+		res = (res < 0 ? 0 : res) + (int)e->io.done;
 	fuse_io_done(&e->io, res, &e->rep);
 	if (log_debug && ring_queue_parse(e, &req) == 0)
 		fuse_log_request("q", q->qid, &req, &e->rep);
