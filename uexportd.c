@@ -84,8 +84,11 @@
 #endif
 
 #define MAX_PAYLOAD		(1u << 20)	/* largest READ/WRITE we negotiate */
+#define MIN_PAYLOAD		(128u << 10)	/* smallest a memory budget may force */
 #define MAX_QUEUE_DEPTH		1024
 #define DEFAULT_QUEUE_DEPTH	64
+#define DEFAULT_MAX_MEMORY	(256ull << 20)	/* payload buffers, all queues */
+#define RING_READY_TIMEOUT_MS	10000
 #define SHUTDOWN_GRACE_MS	3000	/* clients still holding the file */
 
 _Static_assert(sizeof(struct fuse_in_header) == 40, "fuse_in_header");
@@ -499,6 +502,7 @@ struct fuse_reply {
 	void *out;
 	size_t out_cap;
 	size_t out_len;
+	size_t out_zeroed;	/* leading bytes of 'out' known to be zero */
 };
 
 /* A READ or WRITE against the image, prepared by the protocol layer and run
@@ -712,7 +716,10 @@ static bool fuse_read_prepare(const struct fuse_req *req, struct fuse_reply *rep
 	if (len == 0)
 		return false;
 	if (img.backend == BACKEND_NULL) {
-		memset(rep->out, 0, len);
+		/* Zeroing 1 MiB per read would dominate what null: measures:
+		 * the transport tells us what is still zero from last time. */
+		if (len > rep->out_zeroed)
+			memset((char *)rep->out + rep->out_zeroed, 0, len - rep->out_zeroed);
 		return false;
 	}
 	*io = (struct image_io){ .write = false, .off = in->offset,
@@ -893,12 +900,11 @@ static void fuse_handle(const struct fuse_req *req, struct fuse_reply *rep)
 }
 
 /*
- * Compute the INIT reply.  'flags2_extra' lets the io_uring transport add
- * FUSE_OVER_IO_URING once its rings exist.  max_write is the largest the
- * kernel will take (fs.fuse.max_pages_limit), up to MAX_PAYLOAD.
+ * Compute the INIT reply.  max_write is the largest the kernel will take
+ * (fs.fuse.max_pages_limit), up to 'max_payload'.
  */
 static int fuse_init(const struct fuse_init_in *in, struct fuse_init_out *out,
-		     uint64_t extra_flags, unsigned nr_threads)
+		     uint32_t max_payload, unsigned nr_threads)
 {
 	uint64_t offered = in->flags, wanted;
 	unsigned max_pages = 32, limit = 256, bg;
@@ -914,12 +920,12 @@ static int fuse_init(const struct fuse_init_in *in, struct fuse_init_out *out,
 	fuse_proto_minor = in->minor;
 
 	wanted = FUSE_ASYNC_READ | FUSE_BIG_WRITES | FUSE_ASYNC_DIO | FUSE_MAX_PAGES |
-		 FUSE_INIT_EXT | FUSE_DIRECT_IO_ALLOW_MMAP | extra_flags;
+		 FUSE_INIT_EXT | FUSE_DIRECT_IO_ALLOW_MMAP;
 	wanted &= offered;
 	if (read_small_file("/proc/sys/fs/fuse/max_pages_limit", buf, sizeof(buf)) > 0)
 		limit = (unsigned)atoi(buf);
 	if (wanted & FUSE_MAX_PAGES) {
-		max_pages = (unsigned)(MAX_PAYLOAD / page_size());
+		max_pages = (unsigned)(max_payload / page_size());
 		if (max_pages > limit && limit > 0)
 			max_pages = limit;
 	}
@@ -962,6 +968,29 @@ static void fuse_log_request(const char *who, unsigned idx, const struct fuse_re
 		who, idx, fuse_opcode_name(in->opcode), (unsigned long long)in->unique,
 		(unsigned long long)off, (unsigned long long)len, rep->error,
 		rep->out_len);
+}
+
+/*
+ * Zero tracking for null: reads, shared by the transports.  A payload buffer
+ * stays zero after a null READ reply; anything the kernel delivered into it
+ * or any other reply may have dirtied it.
+ */
+static void payload_track_zero(size_t *zeroed, struct fuse_reply *rep, size_t delivered)
+{
+	if (delivered)
+		*zeroed = 0;
+	rep->out_zeroed = *zeroed;
+}
+
+static void payload_track_reply(size_t *zeroed, const struct fuse_req *req,
+				const struct fuse_reply *rep)
+{
+	if (img.backend == BACKEND_NULL && req->in->opcode == FUSE_READ && !rep->error) {
+		if (rep->out_len > *zeroed)
+			*zeroed = rep->out_len;
+	} else if (rep->out_len || rep->error) {
+		*zeroed = 0;
+	}
 }
 
 /* ======================================================================
@@ -1302,6 +1331,7 @@ struct devfuse_worker {
 	size_t in_cap;
 	char *out;			/* reply: out_header + payload */
 	size_t out_cap;
+	size_t out_zeroed;		/* reply payload bytes known zero (null:) */
 };
 
 static int fuse_dev_fd = -1;		/* the mount's /dev/fuse fd */
@@ -1393,8 +1423,10 @@ static void devfuse_serve_one(struct devfuse_worker *w, size_t n)
 	} else if (req.in->opcode == FUSE_INIT) {
 		rep.error = -EPROTO;		/* INIT is answered once, at mount */
 	} else {
+		payload_track_zero(&w->out_zeroed, &rep, 0);
 		fuse_handle(&req, &rep);
 		fuse_log_request("dev", w->idx, &req, &rep);
+		payload_track_reply(&w->out_zeroed, &req, &rep);
 	}
 	if (!rep.none)
 		devfuse_reply(w, req.in, &rep);
@@ -1533,6 +1565,7 @@ struct ring_entry {
 	struct iovec iov[2];			/* read by REGISTER at issue time */
 	enum ring_entry_state state;
 	bool registering;			/* REGISTER not yet accepted */
+	size_t zeroed;				/* payload bytes known zero (null:) */
 	struct image_io io;
 	struct fuse_reply rep;
 };
@@ -1553,6 +1586,7 @@ struct ring_queue {
 
 static struct ring_queue *ring_queues;
 static unsigned nr_ring_queues;
+static unsigned uring_depth;			/* entries per queue, after memory_plan */
 static char uring_flags_granted[128];
 
 /* Start-up rendezvous between main and the queue threads. */
@@ -1747,6 +1781,7 @@ static void ring_queue_request(struct ring_queue *q, unsigned i)
 
 	e->rep = (struct fuse_reply){ .out = e->payload, .out_cap = q->payload_size };
 	__atomic_store_n(&q->served, q->served + 1, __ATOMIC_RELAXED);
+	payload_track_zero(&e->zeroed, &e->rep, e->hdr->ring_ent_in_out.payload_sz);
 	if (ring_queue_parse(e, &req) < 0) {
 		e->rep.error = -EINVAL;
 	} else if (req.in->opcode == FUSE_READ || req.in->opcode == FUSE_WRITE) {
@@ -1763,6 +1798,7 @@ static void ring_queue_request(struct ring_queue *q, unsigned i)
 		fuse_handle(&req, &e->rep);
 	}
 	fuse_log_request("q", q->qid, &req, &e->rep);
+	payload_track_reply(&e->zeroed, &req, &e->rep);
 	ring_queue_commit(q, i);
 }
 
@@ -1777,6 +1813,7 @@ static void ring_queue_io_done(struct ring_queue *q, unsigned i, int res)
 	fuse_io_done(&e->io, res, &e->rep);
 	if (log_debug && ring_queue_parse(e, &req) == 0)
 		fuse_log_request("q", q->qid, &req, &e->rep);
+	payload_track_reply(&e->zeroed, &req, &e->rep);
 	ring_queue_commit(q, i);
 }
 
@@ -1879,28 +1916,24 @@ static void uring_join(void)
  * Create the queue threads and wait until each has its ring and buffers.
  * Returns 0 when all are ready; otherwise the threads are told to quit.
  */
-static int uring_setup(unsigned depth, const char **why)
+static int uring_setup(unsigned nq, const char **why)
 {
-	int nq = possible_cpus(), cpus[CPU_SETSIZE];
+	int cpus[CPU_SETSIZE];
 	unsigned nallowed = cpu_list(cpus, CPU_SETSIZE);
 	int err = 0;
 
-	if (nq < 0) {
-		*why = "cannot read /sys/devices/system/cpu/possible";
-		return nq;
-	}
-	ring_queues = calloc((size_t)nq, sizeof(*ring_queues));
+	ring_queues = calloc(nq, sizeof(*ring_queues));
 	if (!ring_queues)
 		return -ENOMEM;
-	for (int k = 0; k < nq; k++) {
+	for (unsigned k = 0; k < nq; k++) {
 		struct ring_queue *q = &ring_queues[k];
 		bool allowed = false;
 
 		for (unsigned j = 0; j < nallowed; j++)
-			allowed |= cpus[j] == k;
-		q->qid = (unsigned)k;
-		q->cpu = allowed ? k : -1;	/* offline or not ours: unpinned */
-		q->depth = depth;
+			allowed |= cpus[j] == (int)k;
+		q->qid = k;
+		q->cpu = allowed ? (int)k : -1;	/* offline or not ours: unpinned */
+		q->depth = uring_depth;
 		q->payload_size = round_up(fuse_max_write > FUSE_MIN_READ_BUFFER ?
 					   fuse_max_write : FUSE_MIN_READ_BUFFER, page_size());
 		if (pthread_create(&q->thread, NULL, ring_queue_main, q)) {
@@ -2177,6 +2210,7 @@ struct options {
 	bool writable, growable, direct, foreground;
 	enum { TRI_AUTO, TRI_ON, TRI_OFF } allow_other, io_uring;
 	unsigned queue_depth;
+	uint64_t max_memory;
 	const char *pidfile;
 };
 
@@ -2337,6 +2371,8 @@ static void usage(FILE *f)
 "                           (default auto: try, fall back without)\n"
 "      --io-uring=MODE      auto|on|off: FUSE-over-io_uring transport\n"
 "  -q, --queue-depth=N      requests in flight per queue, 1-%d (default %d)\n"
+"      --max-memory=SIZE    bound on request buffers over all queues; depth and\n"
+"                           request size shrink to fit (default 256M)\n"
 "      --direct             open the image with O_DIRECT (no host page cache)\n"
 "  -f, --foreground         do not daemonize\n"
 "  -p, --pidfile=FILE       write the daemon's pid once the export is live\n"
@@ -2361,7 +2397,7 @@ static int parse_tristate(const char *name, const char *v, int *out, const char 
 	return -EINVAL;
 }
 
-enum { OPT_ALLOW_OTHER = 256, OPT_IO_URING, OPT_DIRECT };
+enum { OPT_ALLOW_OTHER = 256, OPT_IO_URING, OPT_DIRECT, OPT_MAX_MEMORY };
 
 static int parse_options(int argc, char **argv, struct options *o)
 {
@@ -2372,6 +2408,7 @@ static int parse_options(int argc, char **argv, struct options *o)
 		{ "io-uring", required_argument, NULL, OPT_IO_URING },
 		{ "queue-depth", required_argument, NULL, 'q' },
 		{ "direct", no_argument, NULL, OPT_DIRECT },
+		{ "max-memory", required_argument, NULL, OPT_MAX_MEMORY },
 		{ "foreground", no_argument, NULL, 'f' },
 		{ "pidfile", required_argument, NULL, 'p' },
 		{ "verbose", no_argument, NULL, 'v' },
@@ -2385,6 +2422,7 @@ static int parse_options(int argc, char **argv, struct options *o)
 	char *end;
 
 	o->queue_depth = DEFAULT_QUEUE_DEPTH;
+	o->max_memory = DEFAULT_MAX_MEMORY;
 	while ((c = getopt_long(argc, argv, "wgq:fp:vdhV", longopts, NULL)) != -1) {
 		switch (c) {
 		case 'w': o->writable = true; break;
@@ -2394,6 +2432,13 @@ static int parse_options(int argc, char **argv, struct options *o)
 		case 'v': log_verbose = true; break;
 		case 'd': log_debug = log_verbose = o->foreground = true; break;
 		case OPT_DIRECT: o->direct = true; break;
+		case OPT_MAX_MEMORY:
+			if (parse_size(optarg, &o->max_memory) < 0 || o->max_memory < (1u << 20)) {
+				log_err("invalid --max-memory '%s' (expected a size of at least 1M, "
+					"e.g. 256M)", optarg);
+				return -EINVAL;
+			}
+			break;
 		case OPT_ALLOW_OTHER:
 			if (parse_tristate("allow-other", optarg, &v, aw) < 0)
 				return -EINVAL;
@@ -2480,6 +2525,34 @@ static int open_image(const struct options *o)
 	return err;
 }
 
+/*
+ * Fit the request buffers in the memory budget.  io_uring needs 'depth'
+ * payload buffers of max_write bytes for each of 'units' queues (one per
+ * possible CPU: 256 CPUs x 64 x 1 MiB would be 16 GiB); /dev/fuse threads
+ * need two each.  Shrink depth to 16 first, then the payload down to
+ * MIN_PAYLOAD, then depth again.  Buffers are faulted in only when used, so
+ * this bounds the worst case, not the usual RSS.
+ */
+static void memory_plan(uint64_t budget, unsigned units, unsigned *depth, uint32_t *payload)
+{
+	uint64_t need;
+
+	*payload = MAX_PAYLOAD;
+	while ((need = (uint64_t)units * *depth * *payload) > budget) {
+		if (*depth > 16)
+			*depth = *depth / 2 < 16 ? 16 : *depth / 2;
+		else if (*payload > MIN_PAYLOAD)
+			*payload /= 2;
+		else if (*depth > 1)
+			(*depth)--;
+		else
+			break;		/* over budget even at the minimum */
+	}
+	log_info("memory: %u x %u buffers of %u KiB = %llu MiB (budget %llu MiB)",
+		 units, *depth, *payload >> 10, (unsigned long long)(need >> 20),
+		 (unsigned long long)(budget >> 20));
+}
+
 /* Why the kernel did not offer FUSE_OVER_IO_URING. */
 static const char *uring_unavailable_reason(void)
 {
@@ -2510,6 +2583,7 @@ static int fuse_handshake(const struct options *o, unsigned nr_cpus, const char 
 	} reply;
 	const struct fuse_in_header *in = (const void *)buf;
 	const struct fuse_init_in *init = (const void *)(in + 1);
+	uint32_t payload;
 	bool uring = false;
 	ssize_t n;
 	int err;
@@ -2522,17 +2596,22 @@ static int fuse_handshake(const struct options *o, unsigned nr_cpus, const char 
 	err = n < 0 ? -errno : 0;
 	if (!err && ((size_t)n < sizeof(*in) + sizeof(*init) || in->opcode != FUSE_INIT))
 		err = -EPROTO;
-	if (!err)
-		err = fuse_init(init, &reply.init, 0, nr_cpus);
 	*reason = "--io-uring=off";
 	if (!err && o->io_uring != TRI_OFF) {
 		bool offered = (init->flags & FUSE_INIT_EXT) &&
 			       ((uint64_t)init->flags2 << 32 & FUSE_OVER_IO_URING);
-		int uerr = -EOPNOTSUPP;
+		int nq = possible_cpus(), uerr = -EOPNOTSUPP;
 
 		*reason = uring_unavailable_reason();
-		if (offered)
-			uerr = uring_setup(o->queue_depth, reason);
+		if (offered && nq < 0) {
+			*reason = "cannot read /sys/devices/system/cpu/possible";
+			offered = false;
+		}
+		if (offered) {
+			memory_plan(o->max_memory, (unsigned)nq, &uring_depth, &payload);
+			err = fuse_init(init, &reply.init, payload, nr_cpus);
+			uerr = err ? err : uring_setup((unsigned)nq, reason);
+		}
 		if (offered && uerr) {
 			snprintf(why, sizeof(why), "%s: %s", *reason, strerror(-uerr));
 			*reason = why;
@@ -2540,6 +2619,12 @@ static int fuse_handshake(const struct options *o, unsigned nr_cpus, const char 
 		uring = !uerr;
 		if (uring)
 			reply.init.flags2 |= (uint32_t)(FUSE_OVER_IO_URING >> 32);
+	}
+	if (!err && !uring) {
+		unsigned two = 2;
+
+		memory_plan(o->max_memory, nr_cpus, &two, &payload);
+		err = fuse_init(init, &reply.init, payload, nr_cpus);
 	}
 	reply.hdr.len = err ? sizeof(reply.hdr) : sizeof(reply);
 	reply.hdr.error = err;
@@ -2564,13 +2649,53 @@ static int fuse_handshake(const struct options *o, unsigned nr_cpus, const char 
 	return err;
 }
 
-/* Ask for our own attributes: the GETATTR must come through a ring, else
- * the kernel is not using them (a silent downgrade we must not hide). */
-static bool uring_confirmed(const struct options *o)
+/*
+ * Ask for our own attributes: the GETATTR must come through a ring, else
+ * the kernel is not using them (a silent downgrade we must not hide).  The
+ * stat runs in a helper thread so a ring that never becomes ready (every
+ * request would block in the kernel) fails start-up instead of hanging it;
+ * the helper only touches static data, so it may outlive a failed start.
+ * Returns 1 if served by a ring, 0 if not, -ETIMEDOUT.
+ */
+static struct {
+	pthread_mutex_t lock;
+	pthread_cond_t cond;
+	char path[PATH_MAX];
+	bool done;
+} probe = { PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, "", false };
+
+static void *probe_main(void *arg)
 {
 	struct stat st;
 
-	return stat(o->mountpoint_abs, &st) == 0 && uring_served() > 0;
+	(void)arg;
+	stat(probe.path, &st);
+	pthread_mutex_lock(&probe.lock);
+	probe.done = true;
+	pthread_cond_signal(&probe.cond);
+	pthread_mutex_unlock(&probe.lock);
+	return NULL;
+}
+
+static int uring_confirmed(const struct options *o)
+{
+	struct timespec deadline;
+	pthread_t t;
+	int err = 0;
+
+	snprintf(probe.path, sizeof(probe.path), "%s", o->mountpoint_abs);
+	if (pthread_create(&t, NULL, probe_main, NULL))
+		return 0;
+	pthread_detach(t);
+	clock_gettime(CLOCK_REALTIME, &deadline);
+	deadline.tv_sec += RING_READY_TIMEOUT_MS / 1000;
+	pthread_mutex_lock(&probe.lock);
+	while (!probe.done && err != ETIMEDOUT)
+		err = pthread_cond_timedwait(&probe.cond, &probe.lock, &deadline);
+	pthread_mutex_unlock(&probe.lock);
+	if (!probe.done)
+		return -ETIMEDOUT;
+	return uring_served() > 0;
 }
 
 static void log_startup(const struct options *o, const char *reason)
@@ -2582,7 +2707,7 @@ static void log_startup(const struct options *o, const char *reason)
 			 nr_workers, reason);
 	else
 		snprintf(how, sizeof(how), "transport=uring queues=%u depth=%u",
-			 nr_ring_queues, o->queue_depth);
+			 nr_ring_queues, uring_depth);
 	snprintf(line, sizeof(line), "%s (%llu bytes, %s%s) on %s: %s",
 		 o->image, (unsigned long long)img.size, img.writable ? "rw" : "ro",
 		 img.growable ? ",growable" : "", o->mountpoint, how);
@@ -2616,6 +2741,7 @@ static int start_export(struct options *o, struct mount_opts *mo)
 	int cpus[CPU_SETSIZE];
 	int err;
 
+	uring_depth = o->queue_depth;
 	if (o->io_uring == TRI_ON && strcmp(uring_unavailable_reason(), "enable_uring is off") == 0) {
 		log_err("--io-uring=on: FUSE-over-io_uring is off "
 			"(echo Y > /sys/module/fuse/parameters/enable_uring)");
@@ -2629,8 +2755,17 @@ static int start_export(struct options *o, struct mount_opts *mo)
 	 * always arrive there, and so does everything after a downgrade. */
 	if (!err)
 		err = devfuse_start();
-	if (!err && !reason && !uring_confirmed(o))
-		reason = "kernel did not deliver requests through the rings";
+	if (!err && !reason) {
+		int ok = uring_confirmed(o);
+
+		if (ok == 0)
+			reason = "kernel did not deliver requests through the rings";
+		if (ok < 0) {
+			log_err("io_uring: the kernel did not make the rings ready in %d s",
+				RING_READY_TIMEOUT_MS / 1000);
+			err = ok;
+		}
+	}
 	if (!err && reason && o->io_uring == TRI_ON) {
 		log_err("--io-uring=on: FUSE-over-io_uring unavailable: %s", reason);
 		err = -EOPNOTSUPP;

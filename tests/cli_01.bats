@@ -65,6 +65,10 @@ load helpers
 	[ "$status" -ne 0 ]; [[ "$output" == *"invalid --io-uring 'maybe'"* ]]
 	run "$UEXPORTD" --allow-other=yes "$IMG" "$MNT"
 	[ "$status" -ne 0 ]; [[ "$output" == *"invalid --allow-other 'yes'"* ]]
+	run "$UEXPORTD" --max-memory=12X "$IMG" "$MNT"
+	[ "$status" -ne 0 ]; [[ "$output" == *"invalid --max-memory '12X'"* ]]
+	run "$UEXPORTD" --max-memory=4K "$IMG" "$MNT"
+	[ "$status" -ne 0 ]; [[ "$output" == *"at least 1M"* ]]
 	run "$UEXPORTD" --no-such-option "$IMG" "$MNT"
 	[ "$status" -ne 0 ]; [[ "$output" == *"--help"* ]]
 	run "$UEXPORTD" -g "$IMG" "$MNT"

@@ -102,3 +102,18 @@ teardown() {
 	[ "$status" -eq 0 ] || { echo "$output"; false; }
 	stop_export
 }
+
+@test "--max-memory bounds the ring buffers: depth, then request size shrink" {
+	require_uring_run
+	random_file "$IMG" 4M
+	possible=$(( $(cut -d- -f2 /sys/devices/system/cpu/possible) + 1 ))
+	# possible x 16 entries x 512 KiB
+	start_export -w --max-memory=$(( possible * 8 ))M "$IMG" "$MNT"
+	grep -q "transport=uring queues=$possible depth=16" "$LOG"
+	grep -q "payload 524288 bytes per entry" "$LOG"
+	# Requests larger than a payload are split by the kernel: still exact.
+	random_file "$W/src" 4M
+	dd if="$W/src" of="$MNT" bs=4M conv=notrunc oflag=direct status=none
+	cmp "$W/src" "$MNT"
+	stop_export
+}
