@@ -82,6 +82,7 @@ enum fuse_opcode {
 #define FUSE_MAX_PAGES			(1ULL << 22)
 #define FUSE_INIT_EXT			(1ULL << 30)
 #define FUSE_DIRECT_IO_ALLOW_MMAP	(1ULL << 36)
+#define FUSE_PASSTHROUGH		(1ULL << 37)
 #define FUSE_OVER_IO_URING		(1ULL << 41)
 
 /* fuse_setattr_in.valid */
@@ -103,6 +104,7 @@ enum fuse_opcode {
 #define FOPEN_KEEP_CACHE		(1 << 1)
 #define FOPEN_NOFLUSH			(1 << 5)
 #define FOPEN_PARALLEL_DIRECT_WRITES	(1 << 6)
+#define FOPEN_PASSTHROUGH		(1 << 7)	/* kernel does READ/WRITE */
 
 /* fuse_fsync_in.fsync_flags */
 #define FUSE_FSYNC_FDATASYNC	(1 << 0)
@@ -307,6 +309,14 @@ struct fuse_batch_forget_in {
 /* ioctls on /dev/fuse */
 #define FUSE_DEV_IOC_MAGIC	229
 #define FUSE_DEV_IOC_CLONE	_IOR(FUSE_DEV_IOC_MAGIC, 0, uint32_t)
+#define FUSE_DEV_IOC_BACKING_OPEN _IOW(FUSE_DEV_IOC_MAGIC, 1, struct fuse_backing_map)
+
+/* FUSE_DEV_IOC_BACKING_OPEN argument: returns a backing id for OPEN. */
+struct fuse_backing_map {
+	int32_t		fd;
+	uint32_t	flags;
+	uint64_t	padding;
+};
 
 /*
  * FUSE-over-io_uring (7.42+).  Each ring entry owns two buffers registered

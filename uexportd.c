@@ -466,6 +466,8 @@ struct image {
 	enum backend backend;
 	bool writable, growable, direct;
 	bool in_memory;			/* tmpfs/ramfs: I/O never blocks */
+	bool passthrough;		/* the kernel reads and writes the file */
+	int backing_id;			/* from FUSE_DEV_IOC_BACKING_OPEN */
 	int fd;				/* O_DIRECT when --direct */
 	int fd_buffered;		/* for I/O that O_DIRECT cannot do; == fd otherwise */
 	uint32_t align;			/* O_DIRECT alignment of offset, length, buffer */
@@ -664,8 +666,9 @@ static void fuse_setattr(const struct fuse_req *req, struct fuse_reply *rep)
 }
 
 /* OPEN: direct I/O to the daemon so the image is not cached twice (the host
- * caches it already); opening for write on a read-only export is EROFS, as
- * on a read-only file system. */
+ * caches it already), or with --passthrough the kernel's own I/O on the
+ * image; opening for write on a read-only export is EROFS, as on a
+ * read-only file system. */
 static void fuse_open(const struct fuse_req *req, struct fuse_reply *rep)
 {
 	const struct fuse_open_in *in = FUSE_ARG(req, struct fuse_open_in);
@@ -680,8 +683,12 @@ static void fuse_open(const struct fuse_req *req, struct fuse_reply *rep)
 		return;
 	}
 	out = fuse_reply_buf(rep, sizeof(*out));
-	if (out)
+	if (out && img.passthrough) {
+		out->open_flags = FOPEN_PASSTHROUGH;
+		out->backing_id = img.backing_id;
+	} else if (out) {
 		out->open_flags = FOPEN_DIRECT_IO | FOPEN_PARALLEL_DIRECT_WRITES;
+	}
 }
 
 /*
@@ -921,6 +928,12 @@ static int fuse_init(const struct fuse_init_in *in, struct fuse_init_out *out,
 
 	wanted = FUSE_ASYNC_READ | FUSE_BIG_WRITES | FUSE_ASYNC_DIO | FUSE_MAX_PAGES |
 		 FUSE_INIT_EXT | FUSE_DIRECT_IO_ALLOW_MMAP;
+	if (img.passthrough) {
+		if (!(offered & FUSE_PASSTHROUGH))
+			return -EOPNOTSUPP;
+		wanted |= FUSE_PASSTHROUGH;
+		out->max_stack_depth = 1;	/* the image's file system + us */
+	}
 	wanted &= offered;
 	if (read_small_file("/proc/sys/fs/fuse/max_pages_limit", buf, sizeof(buf)) > 0)
 		limit = (unsigned)atoi(buf);
@@ -1158,6 +1171,8 @@ static int image_getattr(struct fuse_attr *a)
 	if (img.backend == BACKEND_FILE) {
 		if (fstat(img.fd, &st) < 0)
 			return -errno;
+		if (img.passthrough)	/* the kernel may have grown it */
+			a->size = img.size = (uint64_t)st.st_size;
 		a->blocks = (uint64_t)st.st_blocks;
 		ts_to_attr(&st.st_atim, &a->atime, &a->atimensec);
 		ts_to_attr(&st.st_mtim, &a->mtime, &a->mtimensec);
@@ -1175,8 +1190,18 @@ static int image_getattr(struct fuse_attr *a)
 
 /* Growing needs --growable (EFBIG otherwise: the export's size limit); a
  * block device keeps its size (EINVAL, as ftruncate(2) on one). */
+/* With --passthrough, writes past EOF grow the file behind our back. */
+static void image_refresh_size(void)
+{
+	struct stat st;
+
+	if (img.passthrough && fstat(img.fd, &st) == 0)
+		img.size = (uint64_t)st.st_size;
+}
+
 static int image_truncate(uint64_t size)
 {
+	image_refresh_size();
 	if (size == img.size)
 		return 0;
 	if (size > INT64_MAX)
@@ -1234,6 +1259,7 @@ static int image_fallocate(uint32_t mode, uint64_t off, uint64_t len)
 	if (kind != 0 && kind != FALLOC_FL_ZERO_RANGE &&
 	    !(kind == FALLOC_FL_PUNCH_HOLE && keep))
 		return -EOPNOTSUPP;
+	image_refresh_size();
 	if (off > INT64_MAX || len == 0 || len > INT64_MAX - off)
 		return len == 0 ? -EINVAL : -EFBIG;
 	end = off + len;
@@ -1262,9 +1288,11 @@ static int image_fallocate(uint32_t mode, uint64_t off, uint64_t len)
 /* SEEK_DATA/SEEK_HOLE within [0, size): a device is all data, null all hole. */
 static int64_t image_seek(uint64_t off, uint32_t whence)
 {
-	uint64_t size = img.size;
+	uint64_t size;
 	off_t pos;
 
+	image_refresh_size();
+	size = img.size;
 	if (off >= size)
 		return -ENXIO;
 	if (img.backend == BACKEND_BLOCKDEV)
@@ -2207,7 +2235,7 @@ struct options {
 	const char *image;
 	const char *mountpoint;
 	char mountpoint_abs[PATH_MAX];
-	bool writable, growable, direct, foreground;
+	bool writable, growable, direct, foreground, passthrough;
 	enum { TRI_AUTO, TRI_ON, TRI_OFF } allow_other, io_uring;
 	unsigned queue_depth;
 	uint64_t max_memory;
@@ -2374,6 +2402,8 @@ static void usage(FILE *f)
 "      --max-memory=SIZE    bound on request buffers over all queues; depth and\n"
 "                           request size shrink to fit (default 256M)\n"
 "      --direct             open the image with O_DIRECT (no host page cache)\n"
+"      --passthrough        the kernel reads and writes a regular-file image\n"
+"                           itself (root, Linux 6.9+; needs --growable if -w)\n"
 "  -f, --foreground         do not daemonize\n"
 "  -p, --pidfile=FILE       write the daemon's pid once the export is live\n"
 "  -v, --verbose            log start-up details to stderr\n"
@@ -2397,7 +2427,7 @@ static int parse_tristate(const char *name, const char *v, int *out, const char 
 	return -EINVAL;
 }
 
-enum { OPT_ALLOW_OTHER = 256, OPT_IO_URING, OPT_DIRECT, OPT_MAX_MEMORY };
+enum { OPT_ALLOW_OTHER = 256, OPT_IO_URING, OPT_DIRECT, OPT_MAX_MEMORY, OPT_PASSTHROUGH };
 
 static int parse_options(int argc, char **argv, struct options *o)
 {
@@ -2409,6 +2439,7 @@ static int parse_options(int argc, char **argv, struct options *o)
 		{ "queue-depth", required_argument, NULL, 'q' },
 		{ "direct", no_argument, NULL, OPT_DIRECT },
 		{ "max-memory", required_argument, NULL, OPT_MAX_MEMORY },
+		{ "passthrough", no_argument, NULL, OPT_PASSTHROUGH },
 		{ "foreground", no_argument, NULL, 'f' },
 		{ "pidfile", required_argument, NULL, 'p' },
 		{ "verbose", no_argument, NULL, 'v' },
@@ -2432,6 +2463,7 @@ static int parse_options(int argc, char **argv, struct options *o)
 		case 'v': log_verbose = true; break;
 		case 'd': log_debug = log_verbose = o->foreground = true; break;
 		case OPT_DIRECT: o->direct = true; break;
+		case OPT_PASSTHROUGH: o->passthrough = true; break;
 		case OPT_MAX_MEMORY:
 			if (parse_size(optarg, &o->max_memory) < 0 || o->max_memory < (1u << 20)) {
 				log_err("invalid --max-memory '%s' (expected a size of at least 1M, "
@@ -2476,6 +2508,16 @@ static int parse_options(int argc, char **argv, struct options *o)
 		log_err("--growable needs --writable");
 		return -EINVAL;
 	}
+	if (o->passthrough && o->direct) {
+		log_err("--passthrough and --direct exclude each other "
+			"(the kernel does the image I/O itself)");
+		return -EINVAL;
+	}
+	if (o->passthrough && o->writable && !o->growable) {
+		log_err("--passthrough cannot cut writes short at EOF: add --growable, "
+			"or drop --writable");
+		return -EINVAL;
+	}
 	return 0;
 }
 
@@ -2516,6 +2558,11 @@ static int open_image(const struct options *o)
 	img.gid = getgid();
 	img.allow_chown = o->allow_other != TRI_OFF;
 	err = image_open(o->image);
+	if (!err && o->passthrough && img.backend != BACKEND_FILE) {
+		log_err("--passthrough needs a regular-file image");
+		return -EINVAL;
+	}
+	img.passthrough = o->passthrough;
 	if (err == -EINVAL && strncmp(o->image, "null:", 5) == 0)
 		log_err("invalid image '%s' (expected null:SIZE, e.g. null:1G)", o->image);
 	else if (err == -EINVAL)
@@ -2551,6 +2598,22 @@ static void memory_plan(uint64_t budget, unsigned units, unsigned *depth, uint32
 	log_info("memory: %u x %u buffers of %u KiB = %llu MiB (budget %llu MiB)",
 		 units, *depth, *payload >> 10, (unsigned long long)(need >> 20),
 		 (unsigned long long)(budget >> 20));
+}
+
+/* Register the image as the backing file every OPEN will name (root only:
+ * the kernel wants CAP_SYS_ADMIN). */
+static int passthrough_open(void)
+{
+	struct fuse_backing_map map = { .fd = img.fd };
+	int id = ioctl(fuse_dev_fd, FUSE_DEV_IOC_BACKING_OPEN, &map);
+
+	if (id < 0) {
+		log_err("--passthrough: register %s as backing file: %s%s", img.path,
+			strerror(errno), errno == EPERM ? " (needs root)" : "");
+		return -errno;
+	}
+	img.backing_id = id;
+	return 0;
 }
 
 /* Why the kernel did not offer FUSE_OVER_IO_URING. */
@@ -2632,6 +2695,11 @@ static int fuse_handshake(const struct options *o, unsigned nr_cpus, const char 
 	if (n > 0 && write(fuse_dev_fd, &reply, reply.hdr.len) < 0 && !err)
 		err = -errno;
 	free(buf);
+	if (err == -EOPNOTSUPP && img.passthrough)
+		log_err("--passthrough: the kernel does not offer FUSE passthrough "
+			"(needs Linux 6.9+ with CONFIG_FUSE_PASSTHROUGH)");
+	if (!err && img.passthrough)
+		err = passthrough_open();
 	if (uring && !err) {
 		int rerr = uring_register_all();
 
@@ -2708,9 +2776,10 @@ static void log_startup(const struct options *o, const char *reason)
 	else
 		snprintf(how, sizeof(how), "transport=uring queues=%u depth=%u",
 			 nr_ring_queues, uring_depth);
-	snprintf(line, sizeof(line), "%s (%llu bytes, %s%s) on %s: %s",
+	snprintf(line, sizeof(line), "%s (%llu bytes, %s%s%s) on %s: %s",
 		 o->image, (unsigned long long)img.size, img.writable ? "rw" : "ro",
-		 img.growable ? ",growable" : "", o->mountpoint, how);
+		 img.growable ? ",growable" : "", img.passthrough ? ",passthrough" : "",
+		 o->mountpoint, how);
 	/* Foreground, or -v: on stderr.  Daemonized: also syslog. */
 	if (o->foreground || log_verbose)
 		fprintf(stderr, "uexportd: %s\n", line);

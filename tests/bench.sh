@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # make bench: one fixed fio matrix against the raw image (the ceiling),
-# uexportd over io_uring, over /dev/fuse, on null:, and optionally peers.
+# uexportd over io_uring, over /dev/fuse, with --passthrough, on null:, and
+# optionally peers.
 #
 #   RUNTIME=5 (s per job)  PEERS=1 (qemu-storage-daemon)  DISK=/path/img
 #   SWEEP=0 (skip the depth/size sweep)  OUT=bench-results.md
@@ -99,6 +100,7 @@ start_target() {
 	case $1 in
 	uring) "$TOP/uexportd" -w --io-uring=on -p "$W/pid" "$W/img" "$MNT" ;;
 	dev-fuse) "$TOP/uexportd" -w --io-uring=off -p "$W/pid" "$W/img" "$MNT" ;;
+	passthrough) "$TOP/uexportd" -w -g --passthrough -p "$W/pid" "$W/img" "$MNT" ;;
 	null-uring) "$TOP/uexportd" -w --io-uring=on -p "$W/pid" null:1G "$MNT" ;;
 	null-dev-fuse) "$TOP/uexportd" -w --io-uring=off -p "$W/pid" null:1G "$MNT" ;;
 	disk-uring) "$TOP/uexportd" -w --io-uring=on -p "$W/pid" "$DISK" "$MNT" ;;
@@ -118,7 +120,7 @@ stop_target() {
 	DPID=
 }
 
-targets=(raw uring dev-fuse null-uring null-dev-fuse)
+targets=(raw uring dev-fuse passthrough null-uring null-dev-fuse)
 [ "${PEERS:-0}" = 1 ] && command -v qemu-storage-daemon >/dev/null || {
 	[ "${PEERS:-0}" = 1 ] && apt-get install -y -qq qemu-system-common >/dev/null 2>&1; true; }
 [ "${PEERS:-0}" = 1 ] && targets+=(qsd)
