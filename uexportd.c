@@ -12,11 +12,15 @@
  *   - classic /dev/fuse read()/write(): one pinned thread per CPU, each with
  *     its own cloned device fd where the kernel allows it.
  *
+ * With --passthrough the kernel does READ/WRITE on a regular-file image
+ * itself and only metadata reaches the daemon.
+ *
  * Only libc and kernel uapi headers are used; the FUSE wire structures come
  * from our own fuse_kernel.h.  Sections, bottom-up:
  *
- *   platform wrappers -> types -> FUSE request handlers -> image backend ->
- *   /dev/fuse transport -> mount/unmount -> lifecycle -> options and main
+ *   platform wrappers -> io_uring rings -> types -> FUSE request handlers ->
+ *   image backend -> /dev/fuse transport -> io_uring transport ->
+ *   mount/unmount -> lifecycle -> options and main
  */
 #define _GNU_SOURCE
 #include <ctype.h>

@@ -50,10 +50,10 @@ JOBS=(
 SWEEP_JOBS=()
 if [ "$SWEEP" = 1 ]; then
 	for d in 1 4 16 64 256; do
-		SWEEP_JOBS+=("sweep 4k qd$d|--rw=randread --bs=4k --ioengine=io_uring --iodepth=$d")
+		SWEEP_JOBS+=("sweep qd$d 4k|--rw=randread --bs=4k --ioengine=io_uring --iodepth=$d")
 	done
 	for bs in 4k 16k 64k 256k 1M; do
-		SWEEP_JOBS+=("sweep $bs qd16|--rw=randread --bs=$bs --ioengine=io_uring --iodepth=16")
+		SWEEP_JOBS+=("sweep bs=$bs qd16|--rw=randread --bs=$bs --ioengine=io_uring --iodepth=16")
 	done
 fi
 
