@@ -2373,7 +2373,9 @@ static void shutdown_export(const struct mount_opts *mo)
 	unsigned minor = 0;
 
 	stopping = true;
-	if (mount_lookup(mo->target, &minor) == 1 && atomic_load(&workers_live) > 0) {
+	/* Still mounted even if every thread is gone (an abort): a dead mount
+	 * must not outlive us. */
+	if (mount_lookup(mo->target, &minor) == 1) {
 		if (unmount_export(mo, false) < 0) {
 			log_info("%s is busy: detaching lazily", mo->target);
 			unmount_export(mo, true);
