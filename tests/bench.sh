@@ -5,6 +5,7 @@
 #
 #   RUNTIME=5 (s per job)  PEERS=1 (qemu-storage-daemon)  DISK=/path/img
 #   SWEEP=0 (skip the depth/size sweep)  OUT=bench-results.md
+#   TARGETS="raw uring ..." (a subset of the rows, in that order)
 #
 # Needs root, fio and python3 (to read fio's JSON).  Results go to stdout
 # and to $OUT.  Numbers are only comparable within one run.
@@ -125,6 +126,7 @@ targets=(raw uring dev-fuse passthrough null-uring null-dev-fuse)
 	[ "${PEERS:-0}" = 1 ] && apt-get install -y -qq qemu-system-common >/dev/null 2>&1; true; }
 [ "${PEERS:-0}" = 1 ] && targets+=(qsd)
 [ -n "${DISK:-}" ] && targets+=(disk-raw disk-uring disk-uring-direct)
+[ -n "${TARGETS:-}" ] && read -r -a targets <<<"$TARGETS"
 
 {
 echo "# uexportd bench: $(uname -r), $(nproc) CPUs, runtime ${RUNTIME}s/job"
