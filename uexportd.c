@@ -2260,7 +2260,26 @@ static void close_inherited_fds(void)
 		close(fd);
 }
 
-static int daemonize_begin(void)
+/* The daemon died before it could unmount: do not leave its dead mount.
+ * realpath() of the mount point itself would stat the dead mount, so
+ * resolve its directory only. */
+static void unmount_dead(const char *mountpoint)
+{
+	char dir[PATH_MAX], abs[PATH_MAX + NAME_MAX + 2];
+	const char *slash = strrchr(mountpoint, '/');
+	const char *base = slash ? slash + 1 : mountpoint;
+
+	snprintf(dir, sizeof(dir), "%.*s", slash ? (int)(slash - mountpoint) + 1 : 1,
+		 slash ? mountpoint : ".");
+	if (geteuid() != 0 || !realpath(dir, abs))
+		return;
+	snprintf(abs + strlen(abs), sizeof(abs) - strlen(abs), "%s%s",
+		 strcmp(abs, "/") ? "/" : "", base);
+	if (mount_lookup(abs, NULL) == 1)
+		umount2(abs, MNT_DETACH);
+}
+
+static int daemonize_begin(const char *mountpoint)
 {
 	int p[2];
 	pid_t pid;
@@ -2278,9 +2297,13 @@ static int daemonize_begin(void)
 		close(p[1]);
 		if (read(p[0], &ok, 1) == 1)
 			_exit(0);
-		/* The child failed; it has printed why. */
+		/* The child failed; it has printed why, unless it was killed. */
 		if (waitpid(pid, &status, 0) == pid && WIFEXITED(status))
 			_exit(WEXITSTATUS(status) ? WEXITSTATUS(status) : 1);
+		if (WIFSIGNALED(status)) {
+			log_err("daemon killed by signal %d during start-up", WTERMSIG(status));
+			unmount_dead(mountpoint);
+		}
 		_exit(1);
 	}
 	close(p[0]);
@@ -2923,7 +2946,7 @@ int main(int argc, char **argv)
 	pthread_sigmask(SIG_BLOCK, &set, NULL);
 	main_thread = pthread_self();
 
-	if (!o.foreground && daemonize_begin() < 0) {
+	if (!o.foreground && daemonize_begin(o.mountpoint) < 0) {
 		log_err("fork: %s", strerror(errno));
 		return 1;
 	}
