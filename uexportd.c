@@ -1845,7 +1845,7 @@ static void ring_queue_io_done(struct ring_queue *q, unsigned i, int res)
 	fuse_io_done(&e->io, res, &e->rep);
 	if (log_debug && ring_queue_parse(e, &req) == 0)
 		fuse_log_request("q", q->qid, &req, &e->rep);
-	payload_track_reply(&e->zeroed, &req, &e->rep);
+	e->zeroed = 0;		/* image data is in the payload now */
 	ring_queue_commit(q, i);
 }
 
