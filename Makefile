@@ -8,6 +8,11 @@ DESTDIR ?=
 
 all: uexportd tests/fsops
 
+# Handlers under ASan/UBSan, fed random and malformed requests (tests/fuzz.c).
+FUZZ_SAN ?= -fsanitize=address,undefined -fno-sanitize-recover=all
+tests/fuzz: tests/fuzz.c uexportd.c fuse_kernel.h
+	$(CC) $(CFLAGS) $(FUZZ_SAN) -o $@ tests/fuzz.c $(LDLIBS)
+
 uexportd: uexportd.c fuse_kernel.h
 	$(CC) $(CFLAGS) $(LDFLAGS) -o $@ uexportd.c $(LDLIBS)
 
@@ -27,10 +32,10 @@ static-musl: uexportd.c fuse_kernel.h
 tests/fsops: tests/fsops.c
 	$(CC) $(CFLAGS) -o $@ $<
 
-check: all
+check: all tests/fuzz
 	tests/run.sh
 
-check-long: all
+check-long: all tests/fuzz
 	LONG=1 tests/run.sh
 
 demo: uexportd
@@ -43,6 +48,6 @@ install: uexportd
 	install -D -m 0755 uexportd $(DESTDIR)$(PREFIX)/bin/uexportd
 
 clean:
-	rm -rf uexportd uexportd-static uexportd-musl tests/fsops .musl-include
+	rm -rf uexportd uexportd-static uexportd-musl tests/fsops tests/fuzz .musl-include
 
 .PHONY: all static static-musl check check-long demo bench install clean

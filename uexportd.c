@@ -766,8 +766,8 @@ static bool fuse_write_prepare(const struct fuse_req *req, struct fuse_reply *re
 		rep->error = -EFBIG;
 		return false;
 	}
-	if (!img.growable && in->offset + len > size) {
-		if (in->offset >= size && len) {
+	if (!img.growable && len && in->offset + len > size) {
+		if (in->offset >= size) {
 			rep->error = -ENOSPC;
 			return false;
 		}
@@ -888,6 +888,11 @@ static void fuse_handle(const struct fuse_req *req, struct fuse_reply *rep)
 	rep->none = false;
 	rep->out_len = 0;
 
+	/* Every opcode with a fixed argument needs all of it. */
+	if (req->arg_len < fuse_arg_size(req->in->opcode)) {
+		rep->error = -EINVAL;
+		return;
+	}
 	switch (req->in->opcode) {
 	case FUSE_GETATTR:	fuse_getattr(req, rep); break;
 	case FUSE_SETATTR:	fuse_setattr(req, rep); break;
@@ -1269,6 +1274,15 @@ static int image_fallocate(uint32_t mode, uint64_t off, uint64_t len)
 	end = off + len;
 	if (!keep && end > img.size && !img.growable)
 		return -ENOSPC;
+	/* A fixed-size export has nothing past EOF: KEEP_SIZE requests are
+	 * clipped there, or a client could make the host preallocate without
+	 * limit beyond the image (and fill its disk). */
+	if (!img.growable && end > img.size) {
+		if (off >= img.size)
+			return 0;
+		len = img.size - off;
+		end = img.size;
+	}
 	switch (img.backend) {
 	case BACKEND_NULL:
 		break;
@@ -1772,8 +1786,9 @@ static void ring_queue_commit(struct ring_queue *q, unsigned i)
 	ring_queue_fuse_cmd(q, i);
 }
 
-/* Point 'req' at the request in entry e; -EINVAL if its lengths disagree. */
-static int ring_queue_parse(struct ring_entry *e, struct fuse_req *req)
+/* Point 'req' at the request in entry e; -EINVAL if its lengths disagree
+ * or claim more payload than the entry's buffer holds. */
+static int ring_queue_parse(struct ring_entry *e, size_t cap, struct fuse_req *req)
 {
 	const struct fuse_in_header *in = (const void *)e->hdr->in_out;
 	uint32_t payload = e->hdr->ring_ent_in_out.payload_sz;
@@ -1784,7 +1799,8 @@ static int ring_queue_parse(struct ring_entry *e, struct fuse_req *req)
 	req->arg_len = 0;
 	req->data = e->payload;
 	req->data_len = payload;
-	if (in->len < hdr_and_payload || in->len - hdr_and_payload > FUSE_URING_OP_IN_OUT_SZ)
+	if (payload > cap || in->len < hdr_and_payload ||
+	    in->len - hdr_and_payload > FUSE_URING_OP_IN_OUT_SZ)
 		return -EINVAL;
 	req->arg_len = in->len - hdr_and_payload;
 	return 0;
@@ -1814,7 +1830,7 @@ static void ring_queue_request(struct ring_queue *q, unsigned i)
 	e->rep = (struct fuse_reply){ .out = e->payload, .out_cap = q->payload_size };
 	__atomic_store_n(&q->served, q->served + 1, __ATOMIC_RELAXED);
 	payload_track_zero(&e->zeroed, &e->rep, e->hdr->ring_ent_in_out.payload_sz);
-	if (ring_queue_parse(e, &req) < 0) {
+	if (ring_queue_parse(e, q->payload_size, &req) < 0) {
 		e->rep.error = -EINVAL;
 	} else if (req.in->opcode == FUSE_READ || req.in->opcode == FUSE_WRITE) {
 		if (fuse_io_prepare(&req, &e->rep, &e->io)) {
@@ -1843,7 +1859,7 @@ static void ring_queue_io_done(struct ring_queue *q, unsigned i, int res)
 	if (res >= 0 || e->io.done)
 		res = (res < 0 ? 0 : res) + (int)e->io.done;
 	fuse_io_done(&e->io, res, &e->rep);
-	if (log_debug && ring_queue_parse(e, &req) == 0)
+	if (log_debug && ring_queue_parse(e, q->payload_size, &req) == 0)
 		fuse_log_request("q", q->qid, &req, &e->rep);
 	e->zeroed = 0;		/* image data is in the payload now */
 	ring_queue_commit(q, i);

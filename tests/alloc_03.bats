@@ -24,8 +24,12 @@ load helpers
 	# Past EOF without --growable: size is fixed.
 	run "$FSOPS" fallocate "$MNT" 0 1048000 10000
 	[ "$output" = "err ENOSPC" ]
-	run "$FSOPS" fallocate "$MNT" keep 1048000 10000
+	# KEEP_SIZE past EOF is clipped at EOF: a fixed-size export must not let a
+	# client preallocate host space beyond the image.
+	run "$FSOPS" fallocate "$MNT" keep 1048000 $((1 << 40))
 	[ "$output" = "ok 0" ]
+	[ "$(stat -c %s "$IMG")" = 1048576 ]
+	[ "$(du -k "$IMG" | cut -f1)" -lt 2048 ]
 	stop_export
 	cmp "$IMG" "$W/ref"
 }
