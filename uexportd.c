@@ -200,6 +200,20 @@ static ssize_t pwrite_full(int fd, const void *buf, size_t len, off_t off)
 	return (ssize_t)done;
 }
 
+#ifndef RWF_NOWAIT
+#define RWF_NOWAIT	0x00000008
+#endif
+
+/* preadv2/pwritev2 with RWF_NOWAIT by raw syscall (musl 1.2.3 has no
+ * wrappers).  The offset travels as two longs; on 64-bit the high one is 0. */
+static ssize_t sys_rw_nowait(bool write, int fd, const struct iovec *iov, uint64_t off)
+{
+	unsigned long lo = (unsigned long)off;
+	unsigned long hi = (unsigned long)((off >> 16) >> (sizeof(long) * 8 - 16));
+
+	return syscall(write ? SYS_pwritev2 : SYS_preadv2, fd, iov, 1, lo, hi, RWF_NOWAIT);
+}
+
 static int write_file(const char *path, const char *text)
 {
 	int fd = open(path, O_WRONLY | O_CLOEXEC);
@@ -1137,8 +1151,7 @@ static ssize_t image_io_nowait(struct image_io *io)
 		return image_io_sync(io);
 	if (!*ok || (img.direct && io->fd == img.fd))
 		return -EAGAIN;
-	n = io->write ? pwritev2(io->fd, &iov, 1, (off_t)io->off, RWF_NOWAIT)
-		      : preadv2(io->fd, &iov, 1, (off_t)io->off, RWF_NOWAIT);
+	n = sys_rw_nowait(io->write, io->fd, &iov, io->off);
 	if (n < 0) {
 		if (errno == EOPNOTSUPP)
 			*ok = false;	/* this file system cannot: stop trying */

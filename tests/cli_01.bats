@@ -162,3 +162,14 @@ load helpers
 	kill -TERM $pid
 	wait $pid
 }
+
+@test "static builds: glibc -static and musl both build and run" {
+	run make -C "$TOP" -s static
+	[ "$status" -eq 0 ] || { echo "$output"; false; }
+	"$TOP/uexportd-static" -V | grep -q "^uexportd "
+	command -v musl-gcc >/dev/null || skip "musl-gcc missing (Debian package musl-tools)"
+	run make -C "$TOP" -s static-musl
+	[ "$status" -eq 0 ] || { echo "$output"; false; }
+	"$TOP/uexportd-musl" -V | grep -q "^uexportd "
+	[ -z "$(echo "$output" | grep warning)" ]
+}
