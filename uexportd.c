@@ -1594,11 +1594,11 @@ static void devfuse_join(void)
  * A queue has 'depth' entries.  Each entry owns a request header and a
  * payload buffer, registered once (REGISTER) and reused by every
  * COMMIT_AND_FETCH; the kernel writes a request into them and completes the
- * entry's SQE.  Entry life cycle:
- *
- *   FETCH  -- parked in the kernel, waiting for a request
- *   IO     -- image I/O in flight on this ring, into/from the payload
- *   DONE   -- the kernel ended the entry (unmount, abort): never reused
+ * entry's SQE.  An entry is always in one of three states, told apart by
+ * its one outstanding operation (see user_data below): parked in the kernel
+ * waiting for a request (a FUSE command), image I/O in flight into/from its
+ * payload (an image op), or ended by the kernel on unmount or abort (none;
+ * never reused, counted out of ring_queue.live).
  *
  * Counting invariant: every live entry has exactly one SQE or CQE
  * outstanding, so a queue never has more than 'depth' SQEs to write or
@@ -1616,13 +1616,11 @@ _Static_assert(sizeof(struct fuse_uring_cmd_req) <= 80, "fits the SQE128 command
 _Static_assert(sizeof(struct fuse_uring_req_header) == 288, "fuse_uring_req_header");
 
 enum { FIXED_FUSE = 0, FIXED_IMAGE = 1, FIXED_IMAGE_BUFFERED = 2 };
-enum ring_entry_state { ENT_FETCH, ENT_IO, ENT_DONE };
 
 struct ring_entry {
 	struct fuse_uring_req_header *hdr;	/* kernel writes the request here */
 	void *payload;				/* and the data; we reply in place */
 	struct iovec iov[2];			/* read by REGISTER at issue time */
-	enum ring_entry_state state;
 	bool registering;			/* REGISTER not yet accepted */
 	size_t zeroed;				/* payload bytes known zero (null:) */
 	struct image_io io;
@@ -1779,7 +1777,6 @@ static void ring_queue_fuse_cmd(struct ring_queue *q, unsigned i)
 		sqe->cmd_op = FUSE_IO_URING_CMD_COMMIT_AND_FETCH;
 		cmd->commit_id = e->hdr->ring_ent_in_out.commit_id;
 	}
-	e->state = ENT_FETCH;
 }
 
 /* Write the reply into the entry's header and queue its commit.  This
@@ -1831,7 +1828,6 @@ static void ring_queue_image_io(struct ring_queue *q, unsigned i)
 	sqe->len = e->io.len - e->io.done;
 	sqe->off = e->io.off + e->io.done;
 	sqe->user_data = UD_IMAGE_IO | i;
-	e->state = ENT_IO;
 }
 
 /* A request arrived in entry i: answer it now, or start its image I/O. */
@@ -1896,7 +1892,6 @@ static void ring_queue_fuse_done(struct ring_queue *q, unsigned i, int res)
 		q->register_err = res;
 	else if (res != -ENOTCONN && res != -ECANCELED && res != -ENODEV && !stopping)
 		log_err("queue %u: entry %u: %s", q->qid, i, strerror(-res));
-	e->state = ENT_DONE;
 	q->live--;
 }
 
@@ -2234,12 +2229,12 @@ static int mount_export(struct mount_opts *mo, bool allow_other_auto)
 
 static int unmount_export(const struct mount_opts *mo, bool lazy)
 {
-	char *argv[] = { "fusermount3", "-u", "-q", lazy ? "-z" : "-u", "--",
-			 (char *)mo->target, NULL };
+	char *eager[] = { "fusermount3", "-u", "-q", "--", (char *)mo->target, NULL };
+	char *detach[] = { "fusermount3", "-u", "-q", "-z", "--", (char *)mo->target, NULL };
 
 	if (mo->privileged)
 		return umount2(mo->target, lazy ? MNT_DETACH : 0) < 0 ? -errno : 0;
-	return fusermount_run(argv, -1, !lazy);
+	return fusermount_run(lazy ? detach : eager, -1, !lazy);
 }
 
 /* Abort the connection through fusectl: the last resort when clients still
@@ -2338,6 +2333,7 @@ static int daemonize_begin(const char *mountpoint)
 	close(p[0]);
 	ready_pipe = p[1];
 	setsid();
+	openlog("uexportd", LOG_PID, LOG_DAEMON);
 	return 0;
 }
 
@@ -2348,7 +2344,6 @@ static void daemonize_finish(void)
 
 	if (ready_pipe < 0)
 		return;
-	openlog("uexportd", LOG_PID, LOG_DAEMON);
 	log_syslog = true;
 	null = open("/dev/null", O_RDWR);
 	if (null >= 0) {
@@ -2841,10 +2836,8 @@ static void log_startup(const struct options *o, const char *reason)
 	/* Foreground, or -v: on stderr.  Daemonized: also syslog. */
 	if (o->foreground || log_verbose)
 		fprintf(stderr, "uexportd: %s\n", line);
-	if (!o->foreground) {
-		openlog("uexportd", LOG_PID, LOG_DAEMON);
+	if (!o->foreground)
 		syslog(LOG_INFO, "%s", line);
-	}
 	if (!reason)
 		log_info("io_uring: setup flags %s, payload %u bytes per entry",
 			 uring_flags_granted, fuse_max_write);
