@@ -1140,6 +1140,12 @@ static ssize_t image_io_sync(const struct image_io *io)
  */
 static bool nowait_read_ok = true, nowait_write_ok = true;
 
+/* O_DIRECT I/O: the device moves the data, no CPU copy to place. */
+static bool image_io_direct(const struct image_io *io)
+{
+	return img.direct && io->fd == img.fd;
+}
+
 static ssize_t image_io_nowait(struct image_io *io)
 {
 	bool *ok = io->write ? &nowait_write_ok : &nowait_read_ok;
@@ -1149,7 +1155,7 @@ static ssize_t image_io_nowait(struct image_io *io)
 	io->done = 0;
 	if (img.in_memory)
 		return image_io_sync(io);
-	if (!*ok || (img.direct && io->fd == img.fd))
+	if (!*ok || image_io_direct(io))
 		return -EAGAIN;
 	n = sys_rw_nowait(io->write, io->fd, &iov, io->off);
 	if (n < 0) {
@@ -1646,6 +1652,11 @@ static unsigned nr_ring_queues;
 static unsigned uring_depth;			/* entries per queue, after memory_plan */
 static char uring_flags_granted[128];
 
+/* The CPUs this process may use.  A queue's io-wq workers run on these less
+ * the queue's own CPU; with only one there is nowhere to offload to. */
+static cpu_set_t ring_allowed_cpus;
+static bool ring_offload_cpus;
+
 /* Start-up rendezvous between main and the queue threads. */
 static pthread_mutex_t uring_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t uring_cond = PTHREAD_COND_INITIALIZER;
@@ -1727,6 +1738,13 @@ static int ring_queue_setup(struct ring_queue *q)
 				    img.backend == BACKEND_NULL ? 1 : 3);
 	if (err < 0)
 		return err;
+	if (ring_offload_cpus && q->cpu >= 0) {
+		cpu_set_t set = ring_allowed_cpus;
+
+		/* Best effort: without it the workers may share our CPU. */
+		CPU_CLR(q->cpu, &set);
+		sys_io_uring_register(q->ring.fd, IORING_REGISTER_IOWQ_AFF, &set, sizeof(set));
+	}
 	q->ents = calloc(q->depth, sizeof(*q->ents));
 	q->hdr_mem = buffer_alloc(round_up(hdr_size * q->depth, page_size()));
 	q->payload_mem = buffer_alloc(q->payload_size * q->depth);
@@ -1816,13 +1834,29 @@ static int ring_queue_parse(struct ring_entry *e, size_t cap, struct fuse_req *r
 	return 0;
 }
 
+/*
+ * A copy of OFFLOAD_MIN_BYTES or more between the image and the payload is
+ * handed to an io-wq worker on another CPU (see ring_queue_setup) instead
+ * of being done in the queue thread.  All requests of one client land on
+ * the queue of its CPU, whose thread also does the kernel's copy of every
+ * reply into the client (inside COMMIT_AND_FETCH): for large requests the
+ * two copies then overlap on two CPUs instead of running back to back on
+ * one.  Smaller copies are cheaper inline than the hop to a worker.
+ */
+#define OFFLOAD_MIN_BYTES	(128 * 1024)
+
+static bool ring_io_offload(const struct image_io *io)
+{
+	return io->len >= OFFLOAD_MIN_BYTES && !image_io_direct(io) && ring_offload_cpus;
+}
+
 static void ring_queue_image_io(struct ring_queue *q, unsigned i)
 {
 	struct ring_entry *e = &q->ents[i];
 	struct io_uring_sqe *sqe = ring_sqe(&q->ring);
 
 	sqe->opcode = e->io.write ? IORING_OP_WRITE : IORING_OP_READ;
-	sqe->flags = IOSQE_FIXED_FILE;
+	sqe->flags = IOSQE_FIXED_FILE | (ring_io_offload(&e->io) ? IOSQE_ASYNC : 0);
 	sqe->fd = e->io.fd == img.fd ? FIXED_IMAGE : FIXED_IMAGE_BUFFERED;
 	sqe->addr = (uintptr_t)e->io.buf + e->io.done;
 	sqe->len = e->io.len - e->io.done;
@@ -1843,7 +1877,11 @@ static void ring_queue_request(struct ring_queue *q, unsigned i)
 		e->rep.error = -EINVAL;
 	} else if (req.in->opcode == FUSE_READ || req.in->opcode == FUSE_WRITE) {
 		if (fuse_io_prepare(&req, &e->rep, &e->io)) {
-			ssize_t n = image_io_nowait(&e->io);
+			ssize_t n = -EAGAIN;
+
+			e->io.done = 0;
+			if (!ring_io_offload(&e->io))
+				n = image_io_nowait(&e->io);
 
 			if (n == -EAGAIN) {
 				ring_queue_image_io(q, i);
@@ -1981,6 +2019,8 @@ static int uring_setup(unsigned nq, const char **why)
 	ring_queues = calloc(nq, sizeof(*ring_queues));
 	if (!ring_queues)
 		return -ENOMEM;
+	ring_offload_cpus = sched_getaffinity(0, sizeof(ring_allowed_cpus), &ring_allowed_cpus) == 0 &&
+			    CPU_COUNT(&ring_allowed_cpus) > 1;
 	for (unsigned k = 0; k < nq; k++) {
 		struct ring_queue *q = &ring_queues[k];
 		bool allowed = false;

@@ -31,6 +31,25 @@ load helpers
 	stop_export
 }
 
+# Requests of 128 KiB and more are copied by io-wq workers on another CPU.
+@test "fio: requests up to 1 MiB with verify, image on disk and on tmpfs" {
+	require_root
+	require_cmd fio
+	local shm
+	shm=$(mktemp -d /dev/shm/uexportd-test.XXXXXX)
+	for img in "$IMG" "$shm/disk.raw"; do
+		truncate -s 64M "$img"
+		start_export -w "$img" "$MNT"
+		run fio --name=big --filename="$MNT" --direct=1 --ioengine=io_uring --iodepth=8 \
+			--rw=randrw --bsrange=4k-1M --numjobs="$(nproc)" --size=24M \
+			--offset_increment=32M --verify=crc32c --verify_state_save=0 --verify_fatal=1 \
+			--randrepeat=0 --group_reporting
+		[ "$status" -eq 0 ] || { echo "$output"; rm -rf "$shm"; false; }
+		stop_export
+	done
+	rm -rf "$shm"
+}
+
 @test "mkfs.ext4 on the export, loop-mounted, filled, e2fsck clean" {
 	require_root
 	require_cmd mkfs.ext4
