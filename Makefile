@@ -32,6 +32,10 @@ static-musl: uexportd.c fuse_kernel.h
 tests/fsops: tests/fsops.c
 	$(CC) $(CFLAGS) -o $@ $<
 
+# The transport's floor for make bench: a minimal null server over io_uring.
+tests/nullfloor: tests/nullfloor.c fuse_kernel.h
+	$(CC) $(CFLAGS) -o $@ tests/nullfloor.c $(LDLIBS)
+
 check: all tests/fuzz
 	tests/run.sh
 
@@ -41,13 +45,13 @@ check-long: all tests/fuzz
 demo: uexportd
 	tests/demo.sh
 
-bench: all
+bench: all tests/nullfloor
 	tests/bench.sh
 
 install: uexportd
 	install -D -m 0755 uexportd $(DESTDIR)$(PREFIX)/bin/uexportd
 
 clean:
-	rm -rf uexportd uexportd-static uexportd-musl tests/fsops tests/fuzz .musl-include
+	rm -rf uexportd uexportd-static uexportd-musl tests/fsops tests/fuzz tests/nullfloor .musl-include
 
 .PHONY: all static static-musl check check-long demo bench install clean
