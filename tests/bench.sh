@@ -230,7 +230,8 @@ if sweep:
             f.write(f'"{t}"\n')
             for j in sj:
                 if (t, j) in val:
-                    f.write(f'"{j[6:]}" {val[t, j][2]} {val[t, j][3]}\n')
+                    tic = j.split()[1].replace("bs=", "")  # "qd16" or "64k"
+                    f.write(f'"{tic}" {val[t, j][2]} {val[t, j][3]}\n')
             f.write("\n\n")
 PY
 
