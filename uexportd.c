@@ -2879,8 +2879,9 @@ static void log_startup(const struct options *o, const char *reason)
 	if (!o->foreground)
 		syslog(LOG_INFO, "%s", line);
 	if (!reason)
-		log_info("io_uring: setup flags %s, payload %u bytes per entry",
-			 uring_flags_granted, fuse_max_write);
+		log_info("io_uring: setup flags %s, payload %u bytes per entry, "
+			 "copies of %u KiB+ on io-wq: %s", uring_flags_granted, fuse_max_write,
+			 OFFLOAD_MIN_BYTES >> 10, ring_offload_cpus ? "other CPUs" : "off (one CPU)");
 }
 
 static int mount_error(const struct mount_opts *mo, const struct options *o, int err)
