@@ -5,6 +5,7 @@
 #
 #   RUNTIME=5 (s per job)  PEERS=1 (qemu-storage-daemon)  DISK=/path/img
 #   SWEEP=0 (skip the depth/size sweep)  OUT=bench-results.md
+#   SIZE=1G (the random image; smaller for a quick smoke run)
 #   TARGETS="raw uring ..." (a subset of the targets, in that order)
 #
 # Needs root, fio and python3 (to read fio's JSON).  Prints one results
@@ -18,6 +19,7 @@ TOP=$PWD
 RUNTIME=${RUNTIME:-5}
 RAMP=${RAMP:-1}
 SWEEP=${SWEEP:-1}
+SIZE=${SIZE:-1G}
 OUT=${OUT:-$TOP/bench-results.md}
 PNG=${OUT%.md}-sweep.png
 [ "$(id -u)" = 0 ] || { echo "bench: needs root"; exit 1; }
@@ -39,8 +41,8 @@ cleanup() {
 }
 trap cleanup EXIT
 touch "$MNT" "$RES"
-echo "creating a 1 GiB random image on tmpfs..." >&2
-head -c 1G /dev/urandom > "$W/img"
+echo "creating a $SIZE random image on tmpfs..." >&2
+head -c "$SIZE" /dev/urandom > "$W/img"
 
 # job NAME FIO-ARGS...: the matrix, one line per job.
 JOBS=(
