@@ -119,6 +119,7 @@ start_target() {
 	null-uring) "$TOP/uexportd" -w --io-uring=on -p "$W/pid" null:1G "$MNT" ;;
 	null-dev-fuse) "$TOP/uexportd" -w --io-uring=off -p "$W/pid" null:1G "$MNT" ;;
 	floor)
+		[ "$(cat "$param" 2>/dev/null)" = Y ] || return 1
 		"$TOP/tests/nullfloor" "$MNT" &
 		echo $! > "$W/pid"
 		wait_mount ;;

@@ -53,10 +53,14 @@ struct queue {
 static int fuse_fd;
 static unsigned depth = 16;
 static const char *mountpoint;
+static volatile sig_atomic_t mounted;	/* ours to detach on SIGTERM or a fatal error */
 
+/* Fatal: leave no dead mount behind. */
 static void die(const char *what)
 {
 	fprintf(stderr, "nullfloor: %s: %s\n", what, strerror(errno));
+	if (mounted)
+		umount2(mountpoint, MNT_DETACH);
 	exit(1);
 }
 
@@ -192,8 +196,12 @@ static bool queue_complete(struct queue *q, const struct io_uring_cqe *cqe)
 		queue_cmd(q, i, FUSE_IO_URING_CMD_REGISTER);
 		return true;
 	}
-	if (cqe->res < 0)
-		return false;
+	if (cqe->res == -ENOTCONN || cqe->res == -ENODEV || cqe->res == -ECANCELED)
+		return false;			/* unmounted */
+	if (cqe->res < 0) {
+		errno = -cqe->res;
+		die("FUSE io_uring command (is enable_uring on?)");
+	}
 	n = answer(in, e->hdr.op_in, e->iov[1].iov_base, &err);
 	out = (struct fuse_out_header){ .len = (uint32_t)sizeof(out) + n, .error = err,
 					.unique = in->unique };
@@ -268,7 +276,10 @@ static uint32_t answer_init(void *out)
 static void on_sigterm(int sig)
 {
 	(void)sig;
-	umount2(mountpoint, MNT_DETACH);
+	if (mounted)
+		umount2(mountpoint, MNT_DETACH);
+	else
+		_exit(1);
 }
 
 int main(int argc, char **argv)
@@ -290,6 +301,7 @@ int main(int argc, char **argv)
 	snprintf(opts, sizeof(opts), "fd=%d,rootmode=100000,user_id=0,group_id=0", fuse_fd);
 	if (mount("nullfloor", mountpoint, "fuse.nullfloor", MS_NOSUID | MS_NODEV, opts) < 0)
 		die(mountpoint);
+	mounted = 1;
 	for (;;) {
 		ssize_t r = read(fuse_fd, in_buf, sizeof(in_buf));
 		const struct fuse_in_header *in = (const void *)in_buf;
