@@ -1877,11 +1877,8 @@ static void ring_queue_request(struct ring_queue *q, unsigned i)
 		e->rep.error = -EINVAL;
 	} else if (req.in->opcode == FUSE_READ || req.in->opcode == FUSE_WRITE) {
 		if (fuse_io_prepare(&req, &e->rep, &e->io)) {
-			ssize_t n = -EAGAIN;
-
-			e->io.done = 0;
-			if (!ring_io_offload(&e->io))
-				n = image_io_nowait(&e->io);
+			/* fuse_io_prepare() left io.done at 0. */
+			ssize_t n = ring_io_offload(&e->io) ? -EAGAIN : image_io_nowait(&e->io);
 
 			if (n == -EAGAIN) {
 				ring_queue_image_io(q, i);
@@ -2019,8 +2016,11 @@ static int uring_setup(unsigned nq, const char **why)
 	ring_queues = calloc(nq, sizeof(*ring_queues));
 	if (!ring_queues)
 		return -ENOMEM;
-	ring_offload_cpus = sched_getaffinity(0, sizeof(ring_allowed_cpus), &ring_allowed_cpus) == 0 &&
-			    CPU_COUNT(&ring_allowed_cpus) > 1;
+	CPU_ZERO(&ring_allowed_cpus);
+	for (unsigned j = 0; j < nallowed; j++)
+		if (cpus[j] >= 0)
+			CPU_SET(cpus[j], &ring_allowed_cpus);
+	ring_offload_cpus = CPU_COUNT(&ring_allowed_cpus) > 1;
 	for (unsigned k = 0; k < nq; k++) {
 		struct ring_queue *q = &ring_queues[k];
 		bool allowed = false;
