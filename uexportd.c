@@ -42,6 +42,7 @@
 #include <syslog.h>
 #include <time.h>
 #include <unistd.h>
+#include <sys/file.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/mount.h>
@@ -165,53 +166,49 @@ static void sleep_ms(unsigned ms)
 		;
 }
 
-/* Full pread/pwrite: a regular file may return short counts before EOF. */
-static ssize_t pread_full(int fd, void *buf, size_t len, off_t off)
+#ifndef RWF_DSYNC
+#define RWF_DSYNC	0x00000002
+#endif
+#ifndef RWF_SYNC
+#define RWF_SYNC	0x00000004
+#endif
+#ifndef RWF_NOWAIT
+#define RWF_NOWAIT	0x00000008
+#endif
+
+/* preadv2/pwritev2 by raw syscall (musl 1.2.3 has no wrappers), so a write
+ * can carry RWF_DSYNC/RWF_SYNC/RWF_NOWAIT.  The offset travels as two
+ * longs; on 64-bit the high one is 0.  Returns bytes moved or -errno. */
+static ssize_t sys_rw2(bool write, int fd, const struct iovec *iov, uint64_t off, int rwf)
+{
+	unsigned long lo = (unsigned long)off;
+	unsigned long hi = (unsigned long)((off >> 16) >> (sizeof(long) * 8 - 16));
+	long n = syscall(write ? SYS_pwritev2 : SYS_preadv2, fd, iov, 1, lo, hi, rwf);
+
+	return n < 0 ? -errno : n;
+}
+
+/* Full pread/pwrite of 'len' bytes at byte offset 'off': a regular file may
+ * return short counts before EOF.  'rwf' (RWF_DSYNC, RWF_SYNC) applies to
+ * every piece.  Returns the bytes moved (short only at EOF for reads), or
+ * -errno when nothing was. */
+static ssize_t rw_full(bool write, int fd, void *buf, size_t len, uint64_t off, int rwf)
 {
 	size_t done = 0;
 
 	while (done < len) {
-		ssize_t n = pread(fd, (char *)buf + done, len - done, off + (off_t)done);
+		struct iovec iov = { (char *)buf + done, len - done };
+		ssize_t n = sys_rw2(write, fd, &iov, off + done, rwf);
 
-		if (n < 0 && errno == EINTR)
+		if (n == -EINTR)
 			continue;
 		if (n < 0)
-			return done ? (ssize_t)done : -errno;
+			return done ? (ssize_t)done : n;
 		if (n == 0)
 			break;
 		done += (size_t)n;
 	}
 	return (ssize_t)done;
-}
-
-static ssize_t pwrite_full(int fd, const void *buf, size_t len, off_t off)
-{
-	size_t done = 0;
-
-	while (done < len) {
-		ssize_t n = pwrite(fd, (const char *)buf + done, len - done, off + (off_t)done);
-
-		if (n < 0 && errno == EINTR)
-			continue;
-		if (n < 0)
-			return done ? (ssize_t)done : -errno;
-		done += (size_t)n;
-	}
-	return (ssize_t)done;
-}
-
-#ifndef RWF_NOWAIT
-#define RWF_NOWAIT	0x00000008
-#endif
-
-/* preadv2/pwritev2 with RWF_NOWAIT by raw syscall (musl 1.2.3 has no
- * wrappers).  The offset travels as two longs; on 64-bit the high one is 0. */
-static ssize_t sys_rw_nowait(bool write, int fd, const struct iovec *iov, uint64_t off)
-{
-	unsigned long lo = (unsigned long)off;
-	unsigned long hi = (unsigned long)((off >> 16) >> (sizeof(long) * 8 - 16));
-
-	return syscall(write ? SYS_pwritev2 : SYS_preadv2, fd, iov, 1, lo, hi, RWF_NOWAIT);
 }
 
 static int write_file(const char *path, const char *text)
@@ -489,6 +486,7 @@ struct image {
 	int fd;				/* O_DIRECT when --direct */
 	int fd_buffered;		/* for I/O that O_DIRECT cannot do; == fd otherwise */
 	uint32_t align;			/* O_DIRECT alignment of offset, length, buffer */
+	uint32_t block_size;		/* a block device's logical block (fallocate unit) */
 	bool allow_chown;		/* uid/gid may change: only with allow_other */
 	/* ---- */
 	_Atomic uint64_t size;		/* authoritative file size */
@@ -530,6 +528,7 @@ struct fuse_reply {
 struct image_io {
 	bool write;
 	int fd;
+	int rw_flags;		/* RWF_DSYNC/RWF_SYNC: durable before the reply */
 	uint64_t off;
 	uint32_t len;
 	uint32_t done;		/* bytes already transferred (see image_io_nowait) */
@@ -761,6 +760,21 @@ static void fuse_reply_written(struct fuse_reply *rep, uint32_t n)
 		out->size = n;
 }
 
+/*
+ * The writer's durability intent, as RWF_* flags for the image write.  The
+ * kernel folds O_DSYNC/O_SYNC of the open file, RWF_DSYNC/RWF_SYNC of the
+ * call and a sync mount or inode (IS_SYNC) into fuse_write_in.flags as
+ * O_DSYNC and O_SYNC (fs/fuse/file.c, fuse_write_flags()); O_SYNC includes
+ * the O_DSYNC bit.  Page-cache write-back (FUSE_WRITE_CACHE, shared mmap)
+ * carries no intent: its durability comes with the FSYNC that follows.
+ */
+static int fuse_write_sync_flags(uint32_t open_flags)
+{
+	if ((open_flags & O_SYNC) == O_SYNC)
+		return RWF_SYNC;
+	return open_flags & O_DSYNC ? RWF_DSYNC : 0;
+}
+
 static bool fuse_write_prepare(const struct fuse_req *req, struct fuse_reply *rep,
 			       struct image_io *io)
 {
@@ -794,7 +808,8 @@ static bool fuse_write_prepare(const struct fuse_req *req, struct fuse_reply *re
 		return false;
 	}
 	*io = (struct image_io){ .write = true, .off = in->offset,
-				 .len = (uint32_t)len, .buf = (void *)req->data };
+				 .len = (uint32_t)len, .buf = (void *)req->data,
+				 .rw_flags = fuse_write_sync_flags(in->flags) };
 	io->fd = image_fd_for(io->off, io->len, io->buf);
 	return true;
 }
@@ -1075,7 +1090,7 @@ static int image_open_path(const char *path)
 			return -errno;
 		ioctl(fd, BLKSSZGET, &ssz);
 		img.size = size;
-		img.align = (uint32_t)ssz;
+		img.align = img.block_size = (uint32_t)ssz;
 	} else {
 		img.size = (uint64_t)st.st_size;
 	}
@@ -1122,11 +1137,10 @@ static int image_fd_for(uint64_t off, uint32_t len, const void *buf)
 	return img.fd_buffered;
 }
 
+/* The I/O in the calling thread; returns bytes moved or -errno. */
 static ssize_t image_io_sync(const struct image_io *io)
 {
-	if (io->write)
-		return pwrite_full(io->fd, io->buf, io->len, (off_t)io->off);
-	return pread_full(io->fd, io->buf, io->len, (off_t)io->off);
+	return rw_full(io->write, io->fd, io->buf, io->len, io->off, io->rw_flags);
 }
 
 /*
@@ -1136,7 +1150,8 @@ static ssize_t image_io_sync(const struct image_io *io)
  * would go to an io-wq worker thread), so it is always done here.  Other
  * files use RWF_NOWAIT.  Returns the byte count when complete, or -EAGAIN
  * with io->done set to what was transferred, so the ring does the rest.
- * Never used for O_DIRECT I/O.
+ * Never used for O_DIRECT I/O, nor for a synchronous write (its flush would
+ * block the queue's thread: it goes to the ring, see ring_queue_image_io).
  */
 static bool nowait_read_ok = true, nowait_write_ok = true;
 
@@ -1155,14 +1170,13 @@ static ssize_t image_io_nowait(struct image_io *io)
 	io->done = 0;
 	if (img.in_memory)
 		return image_io_sync(io);
-	if (!*ok || image_io_direct(io))
+	if (!*ok || image_io_direct(io) || io->rw_flags)
 		return -EAGAIN;
-	n = sys_rw_nowait(io->write, io->fd, &iov, io->off);
-	if (n < 0) {
-		if (errno == EOPNOTSUPP)
-			*ok = false;	/* this file system cannot: stop trying */
-		return errno == EAGAIN || errno == EOPNOTSUPP ? -EAGAIN : -errno;
-	}
+	n = sys_rw2(io->write, io->fd, &iov, io->off, RWF_NOWAIT);
+	if (n == -EOPNOTSUPP)
+		*ok = false;		/* this file system cannot: stop trying */
+	if (n < 0)
+		return n == -EOPNOTSUPP ? -EAGAIN : n;
 	if ((size_t)n == io->len || (n == 0 && !io->write))
 		return n;
 	io->done = (uint32_t)n;
@@ -1200,7 +1214,7 @@ static int image_getattr(struct fuse_attr *a)
 		if (fstat(img.fd, &st) < 0)
 			return -errno;
 		if (img.passthrough)	/* the kernel may have grown it */
-			a->size = img.size = (uint64_t)st.st_size;
+			img.size = a->size = (uint64_t)st.st_size;
 		a->blocks = (uint64_t)st.st_blocks;
 		ts_to_attr(&st.st_atim, &a->atime, &a->atimensec);
 		ts_to_attr(&st.st_mtim, &a->mtime, &a->mtimensec);
@@ -1216,8 +1230,6 @@ static int image_getattr(struct fuse_attr *a)
 	return 0;
 }
 
-/* Growing needs --growable (EFBIG otherwise: the export's size limit); a
- * block device keeps its size (EINVAL, as ftruncate(2) on one). */
 /* With --passthrough, writes past EOF grow the file behind our back. */
 static void image_refresh_size(void)
 {
@@ -1227,17 +1239,87 @@ static void image_refresh_size(void)
 		img.size = (uint64_t)st.st_size;
 }
 
+/* Write zeros over [off, off + len) with plain buffered writes: for what
+ * fallocate cannot do.  Returns 0 or -errno. */
+static int image_write_zeroes(uint64_t off, uint64_t len)
+{
+	static const char zeros[64 << 10];
+
+	while (len > 0) {
+		size_t n = len < sizeof(zeros) ? (size_t)len : sizeof(zeros);
+		ssize_t r = rw_full(true, img.fd_buffered, (void *)zeros, n, off, 0);
+
+		if (r < 0)
+			return (int)r;
+		if ((size_t)r < n)
+			return -EIO;
+		off += n;
+		len -= n;
+	}
+	return 0;
+}
+
+/* Zero whole blocks in place, cheapest first: PUNCH_HOLE deallocates (a
+ * hole in a file; on a device a write-zeroes with unmap, refused unless the
+ * device does it efficiently, block/fops.c), ZERO_RANGE writes zeroes the
+ * device's way, and plain writes cover file systems with neither. */
+static int image_zero_blocks(uint64_t off, uint64_t len)
+{
+	static const int modes[] = { FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE };
+
+	for (unsigned i = 0; i < 2; i++) {
+		if (fallocate(img.fd, modes[i] | FALLOC_FL_KEEP_SIZE, (off_t)off, (off_t)len) == 0)
+			return 0;
+		if (errno != EOPNOTSUPP)
+			return -errno;
+	}
+	return image_write_zeroes(off, len);
+}
+
+/*
+ * Make [off, off + len) read back as zeros without changing the size and
+ * without touching a byte outside it.  A block device takes fallocate only
+ * in whole logical blocks: partial blocks at either end are written.
+ * Returns 0 or -errno.
+ */
+static int image_zero(uint64_t off, uint64_t len)
+{
+	uint64_t bs = img.backend == BACKEND_BLOCKDEV ? img.block_size : 1;
+	uint64_t end = off + len;
+	uint64_t first = (off + bs - 1) / bs * bs, last = end / bs * bs;
+	int err;
+
+	if (img.backend == BACKEND_NULL || len == 0)
+		return 0;
+	if (first >= last)
+		return image_write_zeroes(off, len);
+	err = image_write_zeroes(off, first - off);
+	if (!err)
+		err = image_write_zeroes(last, end - last);
+	return err ? err : image_zero_blocks(first, last - first);
+}
+
+/*
+ * SETATTR size.  A growable export (a file or null:) takes any size up to
+ * INT64_MAX.  A fixed-size export never changes size, like the block device
+ * it stands for: growing is EFBIG (its file-size limit), and a smaller size
+ * zeroes the bytes from there to the end instead -- what truncating and
+ * extending back leaves -- so that the tools that truncate before writing
+ * (open with O_TRUNC, cp, qemu-img convert, dd seek=) and then skip what
+ * should be zero leave no stale data behind.  Returns 0 or -errno.
+ */
 static int image_truncate(uint64_t size)
 {
+	uint64_t cur;
+
 	image_refresh_size();
-	if (size == img.size)
+	cur = img.size;
+	if (size == cur)
 		return 0;
-	if (size > INT64_MAX)
+	if (size > INT64_MAX || (size > cur && !img.growable))
 		return -EFBIG;
-	if (img.backend == BACKEND_BLOCKDEV)
-		return -EINVAL;
-	if (size > img.size && !img.growable)
-		return -EFBIG;
+	if (!img.growable)
+		return image_zero(size, cur - size);
 	if (img.backend == BACKEND_FILE && ftruncate(img.fd, (off_t)size) < 0)
 		return -errno;
 	img.size = size;
@@ -1306,11 +1388,14 @@ static int image_fallocate(uint32_t mode, uint64_t off, uint64_t len)
 	case BACKEND_NULL:
 		break;
 	case BACKEND_BLOCKDEV:
-		/* Preallocation is a no-op on a device; zeroing and punching
-		 * are BLKZEROOUT / discard inside the device. */
-		if (kind != 0 && fallocate(img.fd, (int)(mode | FALLOC_FL_KEEP_SIZE),
-					   (off_t)off, (off_t)len) < 0)
-			return -errno;
+		/* Preallocation is a no-op on a device; punching and zeroing
+		 * both leave zeros, at any byte offset. */
+		if (kind != 0) {
+			int err = image_zero(off, len);
+
+			if (err)
+				return err;
+		}
 		break;
 	case BACKEND_FILE:
 		if (fallocate(img.fd, (int)mode, (off_t)off, (off_t)len) < 0)
@@ -1850,13 +1935,22 @@ static bool ring_io_offload(const struct image_io *io)
 	return io->len >= OFFLOAD_MIN_BYTES && !image_io_direct(io) && ring_offload_cpus;
 }
 
+/* A synchronous write (RWF_DSYNC/RWF_SYNC) ends in a flush of the image:
+ * io-wq waits for it, never the queue's thread, which serves every other
+ * request of its CPU meanwhile.  O_DIRECT ones complete asynchronously. */
+static bool ring_io_async(const struct image_io *io)
+{
+	return ring_io_offload(io) || (io->rw_flags && !image_io_direct(io));
+}
+
 static void ring_queue_image_io(struct ring_queue *q, unsigned i)
 {
 	struct ring_entry *e = &q->ents[i];
 	struct io_uring_sqe *sqe = ring_sqe(&q->ring);
 
 	sqe->opcode = e->io.write ? IORING_OP_WRITE : IORING_OP_READ;
-	sqe->flags = IOSQE_FIXED_FILE | (ring_io_offload(&e->io) ? IOSQE_ASYNC : 0);
+	sqe->flags = IOSQE_FIXED_FILE | (ring_io_async(&e->io) ? IOSQE_ASYNC : 0);
+	sqe->rw_flags = e->io.rw_flags;
 	sqe->fd = e->io.fd == img.fd ? FIXED_IMAGE : FIXED_IMAGE_BUFFERED;
 	sqe->addr = (uintptr_t)e->io.buf + e->io.done;
 	sqe->len = e->io.len - e->io.done;
@@ -2089,6 +2183,7 @@ struct mount_opts {
 	const char *target;		/* absolute path of the mount point */
 	bool allow_other;
 	bool privileged;		/* mount(2) vs fusermount3 */
+	dev_t dev;			/* the live export's st_dev, 0 before */
 };
 
 /* Decode the octal escapes (\040 for space) of a /proc/self/mountinfo field. */
@@ -2303,6 +2398,7 @@ struct options {
 	const char *image;
 	const char *mountpoint;
 	char mountpoint_abs[PATH_MAX];
+	struct stat mountpoint_st;		/* the file underneath, before mounting */
 	bool writable, growable, direct, foreground, passthrough;
 	enum { TRI_AUTO, TRI_ON, TRI_OFF } allow_other, io_uring;
 	unsigned queue_depth;
@@ -2312,16 +2408,163 @@ struct options {
 
 static int ready_pipe = -1;		/* write end; the parent waits on it */
 
-/* A daemon keeps no descriptor its caller gave it: a script's pipe held
- * open by us would make the script wait forever for EOF. */
-static void close_inherited_fds(void)
+/*
+ * Descriptors 0-2 must be open before the daemon opens anything: started
+ * with them closed, the image or the start-up pipe would land there, and
+ * daemonizing would then replace them with /dev/null.  A bare root may
+ * have no /dev/null: a directory descriptor fails every read and write
+ * just as harmlessly.
+ */
+static void stdio_reserve(void)
 {
+	int fd;
+
+	do {
+		fd = open("/dev/null", O_RDWR);
+		if (fd < 0)
+			fd = open("/", O_RDONLY | O_DIRECTORY);
+	} while (fd >= 0 && fd <= STDERR_FILENO);
+	if (fd > STDERR_FILENO)
+		close(fd);
+}
+
+static void close_fd_range(unsigned lo, unsigned hi)
+{
+	if (lo > hi)
+		return;
 #ifdef SYS_close_range
-	if (syscall(SYS_close_range, 3, ~0U, 0) == 0)
+	if (syscall(SYS_close_range, lo, hi, 0) == 0)
 		return;
 #endif
-	for (int fd = 3; fd < 1024; fd++)
-		close(fd);
+	for (unsigned fd = lo; fd <= hi && fd < 1024; fd++)
+		close((int)fd);
+}
+
+/* A daemon keeps no descriptor its caller gave it (a script's pipe held
+ * open by us would make the script wait forever for EOF), except 'keep'
+ * (-1: none), one of its own opened before daemonizing. */
+static void close_inherited_fds(int keep)
+{
+	unsigned lo = STDERR_FILENO + 1;
+
+	if (keep >= (int)lo) {
+		close_fd_range(lo, (unsigned)keep - 1);
+		lo = (unsigned)keep + 1;
+	}
+	close_fd_range(lo, ~0U);
+}
+
+/*
+ * The pidfile is opened and locked (flock) by the first process, before
+ * anything else is opened or closed, so that a supervisor's /dev/fd/N names
+ * the supervisor's descriptor, and held for the daemon's life: the lock
+ * says which daemon owns the file.  The PID goes in once the export is
+ * live.  The owner removes it (only a regular file, only while its path
+ * still names the inode it locked) before unlocking, so a daemon never
+ * removes its successor's pidfile; a successor waits PIDFILE_WAIT_MS for
+ * a stopping owner, then opens the path afresh.
+ */
+#define PIDFILE_WAIT_MS	2000
+
+static struct {
+	const char *path;
+	int fd;
+	struct stat st;			/* of fd */
+} pidfile = { NULL, -1, { 0 } };
+
+/* Same file: the same inode, or the same block device through any node. */
+static bool same_file(const struct stat *a, const struct stat *b)
+{
+	if (S_ISBLK(a->st_mode) && S_ISBLK(b->st_mode))
+		return a->st_rdev == b->st_rdev;
+	return a->st_dev == b->st_dev && a->st_ino == b->st_ino;
+}
+
+/* Lock the regular file open as pidfile.fd.  Returns 1 if locked and
+ * still linked at its path, 0 if its owner removed it meanwhile (open it
+ * again), -EWOULDBLOCK while another daemon holds it, -errno. */
+static int pidfile_lock(void)
+{
+	struct stat st;
+
+	if (flock(pidfile.fd, LOCK_EX | LOCK_NB) < 0)
+		return -errno;
+	return stat(pidfile.path, &st) == 0 && same_file(&st, &pidfile.st);
+}
+
+/* Open (O_NONBLOCK: a FIFO without reader must not hang us) and, if it is
+ * a regular file, lock 'path'.  Returns 0, -EBUSY when another daemon
+ * holds it past PIDFILE_WAIT_MS (its PID in 'holder'), or -errno. */
+static int pidfile_open(const char *path, char *holder, size_t cap)
+{
+	uint64_t deadline = now_ns() + PIDFILE_WAIT_MS * 1000000ull;
+	int ret;
+
+	pidfile.path = path;
+	do {
+		int fd = open(path, O_WRONLY | O_CREAT | O_NONBLOCK | O_NOCTTY | O_CLOEXEC, 0644);
+
+		if (fd < 0)
+			return -errno;
+		pidfile.fd = fd;
+		if (fstat(fd, &pidfile.st) < 0 || fcntl(fd, F_SETFL, 0) < 0)
+			ret = -errno;
+		else
+			ret = S_ISREG(pidfile.st.st_mode) ? pidfile_lock() : 1;
+		if (ret == -EWOULDBLOCK && now_ns() < deadline) {
+			sleep_ms(20);
+			ret = 0;
+		} else if (ret == -EWOULDBLOCK) {
+			int rfd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+			ssize_t n = rfd < 0 ? -1 : read(rfd, holder, cap - 1);
+
+			holder[n > 0 ? n : 0] = '\0';
+			holder[strcspn(holder, "\n")] = '\0';
+			if (rfd >= 0)
+				close(rfd);
+			ret = -EBUSY;
+		}
+		if (ret <= 0) {
+			close(fd);
+			pidfile.fd = -1;
+		}
+	} while (ret == 0);
+	return ret < 0 ? ret : 0;
+}
+
+/* Write our PID; a regular file holds nothing else.  Returns 0 or -errno. */
+static int pidfile_write(void)
+{
+	char buf[32];
+	int len = snprintf(buf, sizeof(buf), "%d\n", (int)getpid());
+	ssize_t n;
+
+	if (pidfile.fd < 0)
+		return 0;
+	if (S_ISREG(pidfile.st.st_mode)) {
+		if (ftruncate(pidfile.fd, 0) < 0)
+			return -errno;
+		n = pwrite(pidfile.fd, buf, (size_t)len, 0);
+	} else {
+		n = write(pidfile.fd, buf, (size_t)len);
+	}
+	if (n < 0)
+		return -errno;
+	return n == len ? 0 : -EIO;
+}
+
+/* Remove the pidfile if it is still ours, then release it. */
+static void pidfile_remove(void)
+{
+	struct stat st;
+
+	if (pidfile.fd < 0)
+		return;
+	if (S_ISREG(pidfile.st.st_mode) && stat(pidfile.path, &st) == 0 &&
+	    same_file(&st, &pidfile.st))
+		unlink(pidfile.path);
+	close(pidfile.fd);
+	pidfile.fd = -1;
 }
 
 /* The daemon died before it could unmount: do not leave its dead mount.
@@ -2343,13 +2586,15 @@ static void unmount_dead(const char *mountpoint)
 		umount2(abs, MNT_DETACH);
 }
 
+/* Fork; the parent waits for the child's verdict and exits with it.
+ * Returns 0 in the child, -errno if the pipe or the fork failed. */
 static int daemonize_begin(const char *mountpoint)
 {
 	int p[2];
 	pid_t pid;
 	char ok;
 
-	close_inherited_fds();
+	close_inherited_fds(pidfile.fd);
 	if (pipe2(p, O_CLOEXEC) < 0)
 		return -errno;
 	pid = fork();
@@ -2368,6 +2613,7 @@ static int daemonize_begin(const char *mountpoint)
 			log_err("daemon killed by signal %d during start-up", WTERMSIG(status));
 			unmount_dead(mountpoint);
 		}
+		pidfile_remove();
 		_exit(1);
 	}
 	close(p[0]);
@@ -2397,21 +2643,6 @@ static void daemonize_finish(void)
 		log_err("start-up handshake: %s", strerror(errno));
 	close(ready_pipe);
 	ready_pipe = -1;
-}
-
-static int pidfile_write(const char *path)
-{
-	char buf[32];
-	int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-	int len = snprintf(buf, sizeof(buf), "%d\n", (int)getpid());
-	int err = 0;
-
-	if (fd < 0)
-		return -errno;
-	if (write(fd, buf, (size_t)len) != len)
-		err = -EIO;
-	close(fd);
-	return err;
 }
 
 /* READY=1 to $NOTIFY_SOCKET (systemd Type=notify), no library needed. */
@@ -2449,16 +2680,48 @@ static bool workers_wait(unsigned ms)
 }
 
 /*
+ * Write back what clients left in the kernel's page cache of the export --
+ * stores through a shared mapping -- and fsync the image, by an fsync of
+ * the export itself: the kernel first sends every dirty page as a WRITE,
+ * then FSYNC (fs/fuse/file.c, fuse_fsync()).  A lazy detach keeps those
+ * pages only as long as someone holds the file and an abort drops them, so
+ * this comes before either.  The serving threads answer it: call it only
+ * while all of them run.  The path must still be our export (st_dev), or
+ * it would open the file underneath.  Returns 0 or -errno.
+ */
+static int export_flush(const struct mount_opts *mo)
+{
+	struct stat st;
+	int fd = open(mo->target, O_RDONLY | O_NOCTTY | O_CLOEXEC);
+	int err = 0;
+
+	if (fd < 0)
+		return -errno;
+	if (fstat(fd, &st) < 0)
+		err = -errno;
+	else if (st.st_dev != mo->dev)
+		err = -ESTALE;
+	else if (fsync(fd) < 0)
+		err = -errno;
+	close(fd);
+	return err;
+}
+
+/*
  * Stop serving.  Unmount normally; if a client still holds the file, detach
  * lazily and keep serving it for SHUTDOWN_GRACE_MS, then abort the
  * connection (root) so nothing waits on a daemon that is gone.  Requests
  * keep being served throughout: the threads end only when the kernel says
- * the connection is gone (ENODEV), never by being cancelled.
+ * the connection is gone (ENODEV), never by being cancelled.  'flush':
+ * the export is live and served, write its page cache back first.
  */
-static void shutdown_export(const struct mount_opts *mo)
+static void shutdown_export(const struct mount_opts *mo, bool flush)
 {
 	unsigned minor = 0;
+	int err;
 
+	if (flush && (err = export_flush(mo)) < 0)
+		log_err("write-back of %s before unmounting: %s", mo->target, strerror(-err));
 	stopping = true;
 	/* Still mounted even if every thread is gone (an abort): a dead mount
 	 * must not outlive us. */
@@ -2617,14 +2880,14 @@ static int parse_options(int argc, char **argv, struct options *o)
 /* The mount point must be an existing regular file that is not a mount yet. */
 static int check_mountpoint(struct options *o)
 {
-	struct stat st;
+	struct stat *st = &o->mountpoint_st;
 
-	if (stat(o->mountpoint, &st) < 0) {
+	if (stat(o->mountpoint, st) < 0) {
 		log_err("mount point %s: %s", o->mountpoint, strerror(errno));
 		return -errno;
 	}
-	if (!S_ISREG(st.st_mode)) {
-		log_err("mount point %s: %s", o->mountpoint, S_ISDIR(st.st_mode) ?
+	if (!S_ISREG(st->st_mode)) {
+		log_err("mount point %s: %s", o->mountpoint, S_ISDIR(st->st_mode) ?
 			"is a directory (it must be a regular file)" : "not a regular file");
 		return -EINVAL;
 	}
@@ -2635,6 +2898,25 @@ static int check_mountpoint(struct options *o)
 	if (mount_lookup(o->mountpoint_abs, NULL) == 1) {
 		log_err("mount point %s: already a mount point", o->mountpoint);
 		return -EBUSY;
+	}
+	return 0;
+}
+
+/* The daemon writes its pidfile: it must be neither the image nor the
+ * mount point, by whatever name (a link, /dev/fd/N, another device node). */
+static int pidfile_check(const struct options *o)
+{
+	struct stat st;
+
+	if (pidfile.fd < 0)
+		return 0;
+	if (img.fd >= 0 && fstat(img.fd, &st) == 0 && same_file(&st, &pidfile.st)) {
+		log_err("pidfile %s: is the image %s", o->pidfile, o->image);
+		return -EINVAL;
+	}
+	if (same_file(&o->mountpoint_st, &pidfile.st)) {
+		log_err("pidfile %s: is the mount point %s", o->pidfile, o->mountpoint);
+		return -EINVAL;
 	}
 	return 0;
 }
@@ -2653,6 +2935,11 @@ static int open_image(const struct options *o)
 	err = image_open(o->image);
 	if (!err && o->passthrough && img.backend != BACKEND_FILE) {
 		log_err("--passthrough needs a regular-file image");
+		return -EINVAL;
+	}
+	/* The export's size is always what the image can hold. */
+	if (!err && o->growable && img.backend == BACKEND_BLOCKDEV) {
+		log_err("--growable: %s is a block device, whose size is fixed", o->image);
 		return -EINVAL;
 	}
 	img.passthrough = o->passthrough;
@@ -2933,22 +3220,38 @@ static int start_export(struct options *o, struct mount_opts *mo)
 	} else if (err) {
 		log_err("start on %s: %s", o->mountpoint, strerror(-err));
 	}
-	if (!err && o->pidfile && (err = pidfile_write(o->pidfile)) < 0)
+	if (!err) {
+		struct stat st;
+
+		/* Served now: the stat cannot hang. */
+		err = stat(mo->target, &st) < 0 ? -errno : 0;
+		mo->dev = st.st_dev;
+		if (err)
+			log_err("stat %s: %s", o->mountpoint, strerror(-err));
+	}
+	if (!err && (err = pidfile_write()) < 0)
 		log_err("pidfile %s: %s", o->pidfile, strerror(-err));
 	if (!err)
 		log_startup(o, reason);
 	return err;
 }
 
-static void stop_export(const struct options *o, const struct mount_opts *mo)
+/*
+ * Stop and flush the image.  The pidfile goes first: once the mount is
+ * gone, a successor may start and take the same path.  Returns 0, or the
+ * -errno of the image's final fsync (acknowledged writes may be lost).
+ */
+static int stop_export(const struct options *o, const struct mount_opts *mo, bool flush)
 {
-	shutdown_export(mo);
+	int err = 0;
+
+	pidfile_remove();
+	shutdown_export(mo, flush);
 	devfuse_join();
 	uring_join();
-	if (img.writable && image_sync(false) < 0)
-		log_err("flush %s: %s", o->image, strerror(errno));
-	if (o->pidfile)
-		unlink(o->pidfile);
+	if (img.writable && (err = image_sync(false)) < 0)
+		log_err("flush %s: %s", o->image, strerror(-err));
+	return err;
 }
 
 static int serve(struct options *o)
@@ -2964,7 +3267,7 @@ static int serve(struct options *o)
 	err = start_export(o, &mo);
 	if (err) {
 		if (fuse_dev_fd >= 0)
-			stop_export(o, &mo);
+			stop_export(o, &mo, false);
 		return err;
 	}
 	daemonize_finish();
@@ -2986,15 +3289,18 @@ static int serve(struct options *o)
 		if (atomic_load(&workers_live) < threads)
 			break;		/* unmounted, or a thread failed */
 	}
-	stop_export(o, &mo);
-	return 0;
+	/* After an unmount the kernel has written its page cache back. */
+	return stop_export(o, &mo, atomic_load(&workers_live) == threads);
 }
 
 int main(int argc, char **argv)
 {
 	struct options o = { 0 };
+	char holder[32];
 	sigset_t set;
+	int err = 0;
 
+	stdio_reserve();
 	if (parse_options(argc, argv, &o) < 0)
 		return 2;
 
@@ -3009,11 +3315,20 @@ int main(int argc, char **argv)
 	pthread_sigmask(SIG_BLOCK, &set, NULL);
 	main_thread = pthread_self();
 
-	if (!o.foreground && daemonize_begin(o.mountpoint) < 0) {
-		log_err("fork: %s", strerror(errno));
+	if (o.pidfile && (err = pidfile_open(o.pidfile, holder, sizeof(holder))) < 0) {
+		if (err == -EBUSY)
+			log_err("pidfile %s: in use by process %s", o.pidfile,
+				*holder ? holder : "(unknown)");
+		else
+			log_err("pidfile %s: %s", o.pidfile, strerror(-err));
 		return 1;
 	}
-	if (open_image(&o) < 0 || check_mountpoint(&o) < 0)
-		return 1;
-	return serve(&o) < 0 ? 1 : 0;
+	if (!o.foreground && (err = daemonize_begin(o.mountpoint)) < 0)
+		log_err("daemonize: %s", strerror(-err));
+	if (!err && (open_image(&o) < 0 || check_mountpoint(&o) < 0 || pidfile_check(&o) < 0))
+		err = -EINVAL;
+	if (!err)
+		err = serve(&o);
+	pidfile_remove();
+	return err < 0 ? 1 : 0;
 }

@@ -35,8 +35,11 @@ attach_loop() {
 	cmp <(dd if="$LOOP" bs=12345 skip=7 count=1 status=none) "$W/chunk"
 	run "$FSOPS" pwrite "$MNT" $((8 * 1024 * 1024)) 1
 	[ "$output" = "err ENOSPC" ]
-	run "$FSOPS" truncate "$MNT" 4096
-	[ "$output" = "err EINVAL" ]
+	run "$FSOPS" truncate "$MNT" 10000
+	[ "$output" = "ok 0" ]
+	[ "$(stat -c %s "$MNT")" = $((8 * 1024 * 1024)) ]
+	cmp <(tail -c +10001 "$LOOP") <(head -c $((8 * 1024 * 1024 - 10000)) /dev/zero)
+	cmp <(head -c 10000 "$LOOP") <(head -c 10000 "$W/backing")
 	run "$FSOPS" lseek "$MNT" hole 0
 	[ "$output" = "ok $((8 * 1024 * 1024))" ]
 	run "$FSOPS" fallocate "$MNT" zero 4096 8192

@@ -4,7 +4,12 @@
  * so a test can assert exact return values and errno names.
  *
  *   fsops seek FILE                      data/hole map via SEEK_DATA/SEEK_HOLE
- *   fsops pwrite FILE OFF LEN            write LEN bytes of 0xab at OFF
+ *   fsops pwrite FILE OFF LEN [SYNC]     write LEN bytes of 0xab at OFF; SYNC:
+ *                                        o-dsync, o-sync (open flags),
+ *                                        rwf-dsync, rwf-sync (pwritev2 flags)
+ *   fsops mmap-store FILE OFF TEXT       store TEXT at OFF through a shared
+ *                                        mapping, print "stored", keep the
+ *                                        mapping (no msync) for 60 s
  *   fsops open-rw FILE                   open O_RDWR
  *   fsops truncate FILE SIZE
  *   fsops fallocate FILE MODE OFF LEN    MODE: 0 keep punch zero zero-keep
@@ -21,12 +26,18 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #ifndef FALLOC_FL_KEEP_SIZE
 #define FALLOC_FL_KEEP_SIZE	0x01
 #define FALLOC_FL_PUNCH_HOLE	0x02
+#endif
+#ifndef RWF_DSYNC
+#define RWF_DSYNC		0x02
+#define RWF_SYNC		0x04
 #endif
 #ifndef FALLOC_FL_ZERO_RANGE
 #define FALLOC_FL_ZERO_RANGE	0x10
@@ -61,6 +72,46 @@ static int fallocate_mode(const char *s)
 	if (!strcmp(s, "zero-keep")) return FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE;
 	if (!strcmp(s, "collapse")) return 0x08;
 	return atoi(s);
+}
+
+/* pwrite with a synchronous-write intent of the open file or of the call. */
+static int cmd_pwrite(const char *path, off_t off, size_t len, const char *sync)
+{
+	int oflags = O_WRONLY, rwf = 0, fd;
+	char *buf = malloc(len + 1);
+	struct iovec iov = { buf, len };
+
+	if (!strcmp(sync, "o-dsync"))
+		oflags |= O_DSYNC;
+	else if (!strcmp(sync, "o-sync"))
+		oflags |= O_SYNC;
+	else if (!strcmp(sync, "rwf-dsync"))
+		rwf = RWF_DSYNC;
+	else if (!strcmp(sync, "rwf-sync"))
+		rwf = RWF_SYNC;
+	else if (*sync)
+		return 2;
+	memset(buf, 0xab, len);
+	fd = open_or_die(path, oflags);
+	return report(pwritev2(fd, &iov, 1, off, rwf));
+}
+
+/* Dirty the page cache through a shared mapping and hold it: whoever stops
+ * the export must write it back first. */
+static int cmd_mmap_store(const char *path, off_t off, const char *text)
+{
+	int fd = open_or_die(path, O_RDWR);
+	off_t base = off & ~(off_t)4095;
+	size_t len = (size_t)(off - base) + strlen(text);
+	char *m = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, base);
+
+	if (m == MAP_FAILED)
+		return report(-1);
+	memcpy(m + (off - base), text, strlen(text));
+	printf("stored\n");
+	fflush(stdout);
+	sleep(60);
+	return 0;
 }
 
 static int cmd_seek(const char *path)
@@ -207,14 +258,11 @@ int main(int argc, char **argv)
 		return cmd_seek(argv[2]);
 	if (!strcmp(cmd, "open-rw") && argc == 3)
 		return report(open(argv[2], O_RDWR));
-	if (!strcmp(cmd, "pwrite") && argc == 5) {
-		size_t len = strtoull(argv[4], NULL, 0);
-		char *buf = malloc(len + 1);
-
-		memset(buf, 0xab, len);
-		fd = open_or_die(argv[2], O_WRONLY);
-		return report(pwrite(fd, buf, len, strtoll(argv[3], NULL, 0)));
-	}
+	if (!strcmp(cmd, "pwrite") && (argc == 5 || argc == 6))
+		return cmd_pwrite(argv[2], strtoll(argv[3], NULL, 0), strtoull(argv[4], NULL, 0),
+				  argc == 6 ? argv[5] : "");
+	if (!strcmp(cmd, "mmap-store") && argc == 5)
+		return cmd_mmap_store(argv[2], strtoll(argv[3], NULL, 0), argv[4]);
 	if (!strcmp(cmd, "truncate") && argc == 4) {
 		fd = open_or_die(argv[2], O_WRONLY);
 		return report(ftruncate(fd, strtoll(argv[3], NULL, 0)));

@@ -54,13 +54,17 @@ write_at() {
 	[ "$output" = "err ENOSPC" ]
 	run "$FSOPS" truncate "$MNT" 20000
 	[ "$output" = "err EFBIG" ]
+	run "$FSOPS" fallocate "$MNT" 0 9000 2000
+	[ "$output" = "err ENOSPC" ]
 	[ "$(stat -c %s "$MNT")" = 10000 ]
-	# Shrinking a writable export is allowed.
+	# A smaller size zeroes the tail instead: the size never changes.
+	head -c 5000 "$IMG" > "$W/ref"; head -c 5000 /dev/zero >> "$W/ref"
 	run "$FSOPS" truncate "$MNT" 5000
 	[ "$output" = "ok 0" ]
-	[ "$(stat -c %s "$MNT")" = 5000 ]
+	[ "$(stat -c %s "$MNT")" = 10000 ]
+	cmp "$MNT" "$W/ref"
 	stop_export
-	[ "$(stat -c %s "$IMG")" = 5000 ]
+	cmp "$IMG" "$W/ref"
 }
 
 @test "reads at and past EOF are short / empty" {
