@@ -29,6 +29,7 @@
 #include <fcntl.h>
 #include <getopt.h>
 #include <limits.h>
+#include <poll.h>
 #include <pthread.h>
 #include <sched.h>
 #include <signal.h>
@@ -79,6 +80,9 @@
 #endif
 #ifndef TMPFS_MAGIC
 #define TMPFS_MAGIC		0x01021994
+#endif
+#ifndef FUSE_SUPER_MAGIC
+#define FUSE_SUPER_MAGIC	0x65735546
 #endif
 #ifndef RAMFS_MAGIC
 #define RAMFS_MAGIC		0x858458f6
@@ -2459,10 +2463,11 @@ static void close_inherited_fds(int keep)
  * anything else is opened or closed, so that a supervisor's /dev/fd/N names
  * the supervisor's descriptor, and held for the daemon's life: the lock
  * says which daemon owns the file.  The PID goes in once the export is
- * live.  The owner removes it (only a regular file, only while its path
- * still names the inode it locked) before unlocking, so a daemon never
- * removes its successor's pidfile; a successor waits PIDFILE_WAIT_MS for
- * a stopping owner, then opens the path afresh.
+ * live.  A daemon removes the file only if it is its own -- created by it
+ * or holding its PID, a regular file still linked at its path (the inode it
+ * locked) -- and before unlocking, so it never removes a file it was wrongly
+ * pointed at, nor its successor's pidfile; a successor waits
+ * PIDFILE_WAIT_MS for a stopping owner, then opens the path afresh.
  */
 #define PIDFILE_WAIT_MS	2000
 
@@ -2470,7 +2475,8 @@ static struct {
 	const char *path;
 	int fd;
 	struct stat st;			/* of fd */
-} pidfile = { NULL, -1, { 0 } };
+	bool ours;			/* we created it or wrote our PID in it */
+} pidfile = { NULL, -1, { 0 }, false };
 
 /* Same file: the same inode, or the same block device through any node. */
 static bool same_file(const struct stat *a, const struct stat *b)
@@ -2478,6 +2484,25 @@ static bool same_file(const struct stat *a, const struct stat *b)
 	if (S_ISBLK(a->st_mode) && S_ISBLK(b->st_mode))
 		return a->st_rdev == b->st_rdev;
 	return a->st_dev == b->st_dev && a->st_ino == b->st_ino;
+}
+
+/* Open an existing pidfile or create a new one (then pidfile.ours); never
+ * truncate.  O_NONBLOCK: a FIFO without a reader must not hang us.
+ * Returns the descriptor or -errno. */
+static int pidfile_open_path(void)
+{
+	int flags = O_WRONLY | O_NONBLOCK | O_NOCTTY | O_CLOEXEC;
+
+	for (;;) {
+		int fd = open(pidfile.path, flags);
+
+		if (fd >= 0 || errno != ENOENT)
+			return fd < 0 ? -errno : fd;
+		fd = open(pidfile.path, flags | O_CREAT | O_EXCL, 0644);
+		pidfile.ours = fd >= 0;
+		if (fd >= 0 || errno != EEXIST)
+			return fd < 0 ? -errno : fd;
+	}
 }
 
 /* Lock the regular file open as pidfile.fd.  Returns 1 if locked and
@@ -2492,9 +2517,21 @@ static int pidfile_lock(void)
 	return stat(pidfile.path, &st) == 0 && same_file(&st, &pidfile.st);
 }
 
-/* Open (O_NONBLOCK: a FIFO without reader must not hang us) and, if it is
- * a regular file, lock 'path'.  Returns 0, -EBUSY when another daemon
- * holds it past PIDFILE_WAIT_MS (its PID in 'holder'), or -errno. */
+/* The first line of the pidfile, for "in use by process N". */
+static void pidfile_holder(char *buf, size_t cap)
+{
+	int fd = open(pidfile.path, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+	ssize_t n = fd < 0 ? -1 : read(fd, buf, cap - 1);
+
+	buf[n > 0 ? n : 0] = '\0';
+	buf[strcspn(buf, "\n")] = '\0';
+	if (fd >= 0)
+		close(fd);
+}
+
+/* Open and, if it is a regular file, lock 'path'.  Returns 0, -EBUSY when
+ * another daemon holds it past PIDFILE_WAIT_MS (its PID in 'holder'), or
+ * -errno. */
 static int pidfile_open(const char *path, char *holder, size_t cap)
 {
 	uint64_t deadline = now_ns() + PIDFILE_WAIT_MS * 1000000ull;
@@ -2502,12 +2539,11 @@ static int pidfile_open(const char *path, char *holder, size_t cap)
 
 	pidfile.path = path;
 	do {
-		int fd = open(path, O_WRONLY | O_CREAT | O_NONBLOCK | O_NOCTTY | O_CLOEXEC, 0644);
-
-		if (fd < 0)
-			return -errno;
-		pidfile.fd = fd;
-		if (fstat(fd, &pidfile.st) < 0 || fcntl(fd, F_SETFL, 0) < 0)
+		pidfile.ours = false;
+		pidfile.fd = pidfile_open_path();
+		if (pidfile.fd < 0)
+			return pidfile.fd;
+		if (fstat(pidfile.fd, &pidfile.st) < 0 || fcntl(pidfile.fd, F_SETFL, 0) < 0)
 			ret = -errno;
 		else
 			ret = S_ISREG(pidfile.st.st_mode) ? pidfile_lock() : 1;
@@ -2515,17 +2551,11 @@ static int pidfile_open(const char *path, char *holder, size_t cap)
 			sleep_ms(20);
 			ret = 0;
 		} else if (ret == -EWOULDBLOCK) {
-			int rfd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
-			ssize_t n = rfd < 0 ? -1 : read(rfd, holder, cap - 1);
-
-			holder[n > 0 ? n : 0] = '\0';
-			holder[strcspn(holder, "\n")] = '\0';
-			if (rfd >= 0)
-				close(rfd);
+			pidfile_holder(holder, cap);
 			ret = -EBUSY;
 		}
 		if (ret <= 0) {
-			close(fd);
+			close(pidfile.fd);
 			pidfile.fd = -1;
 		}
 	} while (ret == 0);
@@ -2544,6 +2574,7 @@ static int pidfile_write(void)
 	if (S_ISREG(pidfile.st.st_mode)) {
 		if (ftruncate(pidfile.fd, 0) < 0)
 			return -errno;
+		pidfile.ours = true;
 		n = pwrite(pidfile.fd, buf, (size_t)len, 0);
 	} else {
 		n = write(pidfile.fd, buf, (size_t)len);
@@ -2553,14 +2584,14 @@ static int pidfile_write(void)
 	return n == len ? 0 : -EIO;
 }
 
-/* Remove the pidfile if it is still ours, then release it. */
+/* Remove the pidfile if it is ours and still there, then release it. */
 static void pidfile_remove(void)
 {
 	struct stat st;
 
 	if (pidfile.fd < 0)
 		return;
-	if (S_ISREG(pidfile.st.st_mode) && stat(pidfile.path, &st) == 0 &&
+	if (pidfile.ours && S_ISREG(pidfile.st.st_mode) && stat(pidfile.path, &st) == 0 &&
 	    same_file(&st, &pidfile.st))
 		unlink(pidfile.path);
 	close(pidfile.fd);
@@ -2586,13 +2617,61 @@ static void unmount_dead(const char *mountpoint)
 		umount2(abs, MNT_DETACH);
 }
 
+/*
+ * The parent's side of start-up: wait on 'rfd' for the child's "live" byte
+ * and return the exit status to leave with.  The signals main() blocked
+ * are taken here too: SIGINT, SIGTERM or SIGHUP (Ctrl-C, timeout(1), a
+ * supervisor) are passed on to the child, which stops as soon as it can,
+ * and the start counts as failed -- a caller that gave up never gets a
+ * daemon it did not wait for, nor a parent that ignores it.
+ */
+static int daemonize_wait(pid_t child, int rfd, const char *mountpoint)
+{
+	static const struct timespec tick = { 0, 100 * 1000000L };
+	struct pollfd pfd = { .fd = rfd, .events = POLLIN };
+	bool interrupted = false;
+	sigset_t set;
+	int status;
+	char ok;
+
+	sigemptyset(&set);
+	sigaddset(&set, SIGINT);
+	sigaddset(&set, SIGTERM);
+	sigaddset(&set, SIGHUP);
+	for (;;) {
+		int sig = sigtimedwait(&set, NULL, &tick);
+
+		if (sig > 0 && !interrupted) {
+			log_err("start-up interrupted by signal %d: stopping the daemon", sig);
+			kill(child, SIGTERM);
+			interrupted = true;
+		}
+		if (poll(&pfd, 1, 0) == 1) {
+			if (read(rfd, &ok, 1) == 1 && !interrupted)
+				return 0;
+			if (!interrupted)
+				break;	/* EOF: the child failed */
+		}
+		if (interrupted && waitpid(child, &status, WNOHANG) == child)
+			return 1;
+	}
+	/* The child failed; it has printed why, unless it was killed. */
+	if (waitpid(child, &status, 0) == child && WIFEXITED(status))
+		return WEXITSTATUS(status) ? WEXITSTATUS(status) : 1;
+	if (WIFSIGNALED(status)) {
+		log_err("daemon killed by signal %d during start-up", WTERMSIG(status));
+		unmount_dead(mountpoint);
+	}
+	pidfile_remove();
+	return 1;
+}
+
 /* Fork; the parent waits for the child's verdict and exits with it.
  * Returns 0 in the child, -errno if the pipe or the fork failed. */
 static int daemonize_begin(const char *mountpoint)
 {
 	int p[2];
 	pid_t pid;
-	char ok;
 
 	close_inherited_fds(pidfile.fd);
 	if (pipe2(p, O_CLOEXEC) < 0)
@@ -2601,20 +2680,8 @@ static int daemonize_begin(const char *mountpoint)
 	if (pid < 0)
 		return -errno;
 	if (pid > 0) {
-		int status;
-
 		close(p[1]);
-		if (read(p[0], &ok, 1) == 1)
-			_exit(0);
-		/* The child failed; it has printed why, unless it was killed. */
-		if (waitpid(pid, &status, 0) == pid && WIFEXITED(status))
-			_exit(WEXITSTATUS(status) ? WEXITSTATUS(status) : 1);
-		if (WIFSIGNALED(status)) {
-			log_err("daemon killed by signal %d during start-up", WTERMSIG(status));
-			unmount_dead(mountpoint);
-		}
-		pidfile_remove();
-		_exit(1);
+		_exit(daemonize_wait(pid, p[0], mountpoint));
 	}
 	close(p[0]);
 	ready_pipe = p[1];
@@ -2903,13 +2970,22 @@ static int check_mountpoint(struct options *o)
 }
 
 /* The daemon writes its pidfile: it must be neither the image nor the
- * mount point, by whatever name (a link, /dev/fd/N, another device node). */
+ * mount point, by whatever name (a link, /dev/fd/N, another device node),
+ * nor a disk or another export (the root file of a FUSE mount). */
 static int pidfile_check(const struct options *o)
 {
+	struct statfs sfs;
 	struct stat st;
 
 	if (pidfile.fd < 0)
 		return 0;
+	if (S_ISBLK(pidfile.st.st_mode) ||
+	    (pidfile.st.st_ino == FUSE_ROOT_ID && fstatfs(pidfile.fd, &sfs) == 0 &&
+	     sfs.f_type == FUSE_SUPER_MAGIC)) {
+		log_err("pidfile %s: is a %s", o->pidfile,
+			S_ISBLK(pidfile.st.st_mode) ? "block device" : "FUSE export");
+		return -EINVAL;
+	}
 	if (img.fd >= 0 && fstat(img.fd, &st) == 0 && same_file(&st, &pidfile.st)) {
 		log_err("pidfile %s: is the image %s", o->pidfile, o->image);
 		return -EINVAL;

@@ -7,6 +7,8 @@
 #   SWEEP=0 (skip the depth/size sweep)  OUT=bench-results.md
 #   SIZE=1G (the random image; smaller for a quick smoke run)
 #   TARGETS="raw uring ..." (a subset of the targets, in that order)
+#   BASE=/path/to/uexportd (another build, e.g. the previous commit's:
+#   adds base-uring and base-dev-fuse, for an A/B within one run)
 #
 # Needs root, fio and python3 (to read fio's JSON).  Prints one results
 # table, ratio tables against the raw image, qemu-storage-daemon, the floor
@@ -52,6 +54,8 @@ JOBS=(
 	"4k randread qd64x2|--rw=randread --bs=4k --ioengine=io_uring --iodepth=64 --numjobs=2"
 	"4k randrw70 qd1|--rw=randrw --rwmixread=70 --bs=4k --ioengine=psync"
 	"4k randrw70 qd64x4|--rw=randrw --rwmixread=70 --bs=4k --ioengine=io_uring --iodepth=64 --numjobs=4"
+	"4k randwrite qd1|--rw=randwrite --bs=4k --ioengine=psync"
+	"4k randwrite qd1 O_DSYNC|--rw=randwrite --bs=4k --ioengine=psync --sync=dsync"
 	"1M seqread qd8|--rw=read --bs=1M --ioengine=io_uring --iodepth=8"
 	"1M seqwrite qd8|--rw=write --bs=1M --ioengine=io_uring --iodepth=8"
 )
@@ -123,6 +127,8 @@ start_target() {
 		"$TOP/tests/nullfloor" "$MNT" &
 		echo $! > "$W/pid"
 		wait_mount ;;
+	base-uring) "$BASE" -w --io-uring=on -p "$W/pid" "$W/img" "$MNT" ;;
+	base-dev-fuse) "$BASE" -w --io-uring=off -p "$W/pid" "$W/img" "$MNT" ;;
 	disk-uring) "$TOP/uexportd" -w --io-uring=on -p "$W/pid" "$DISK" "$MNT" ;;
 	disk-uring-direct) "$TOP/uexportd" -w --direct --io-uring=on -p "$W/pid" "$DISK" "$MNT" ;;
 	qsd)
@@ -152,6 +158,7 @@ if [ "${PEERS:-0}" = 1 ]; then
 		apt-get install -y -qq qemu-system-common >/dev/null 2>&1 || true
 	targets+=(qsd)
 fi
+[ -n "${BASE:-}" ] && targets+=(base-uring base-dev-fuse)
 [ -n "${DISK:-}" ] && targets+=(disk-raw disk-uring disk-uring-direct)
 [ -n "${TARGETS:-}" ] && read -r -a targets <<<"$TARGETS"
 
@@ -171,7 +178,7 @@ for t in "${targets[@]}"; do
 		pid=$DPID ;;
 	esac
 	jobs=("${JOBS[@]}")
-	case $t in uring|dev-fuse) jobs+=("${SWEEP_JOBS[@]}") ;; esac
+	case $t in uring|dev-fuse|base-*) jobs+=("${SWEEP_JOBS[@]}") ;; esac
 	for j in "${jobs[@]}"; do
 		run_job "$t" "$file" "$pid" "${j%%|*}" "${j#*|}"
 	done
@@ -216,6 +223,17 @@ ratios("qsd", "Throughput ÷ qemu-storage-daemon's FUSE export")
 ratios("floor", "Throughput ÷ the transport's floor (tests/nullfloor: no storage work)")
 ratios("disk-raw", "Throughput ÷ the disk image itself")
 
+pairs = [(t, "base-" + t) for t in ("uring", "dev-fuse") if t in targets and "base-" + t in targets]
+if pairs:
+    print("\n## Throughput of this build ÷ BASE's (same run)\n")
+    print("| job | " + " | ".join(f"{a} ÷ {b}" for a, b in pairs) + " |")
+    print("|---|" + "---|" * len(pairs))
+    for j in jobs:
+        cells = ["%.2f" % (float(val[a, j][2]) / float(val[b, j][2]))
+                 if (a, j) in val and (b, j) in val and float(val[b, j][2]) else "-"
+                 for a, b in pairs]
+        print(f"| {j} | " + " | ".join(cells) + " |")
+
 sweep = [r for r in rows if r[1].startswith("sweep")]
 if sweep:
     st = list(dict.fromkeys(r[0] for r in sweep))
@@ -239,6 +257,7 @@ if sweep:
 PY
 
 if command -v gnuplot >/dev/null && [ -s "$W/sweep.dat" ]; then
+	last=$(( $(grep -c '^"[^" ]*"$' "$W/sweep.dat") - 1 ))
 	gnuplot <<GNUPLOT && echo "bench: sweep chart in $PNG" >&2
 set terminal png size 1000,420
 set output "$PNG"
@@ -246,9 +265,9 @@ set multiplot layout 1,2
 set style data linespoints
 set key top left
 set title "4k random read IOPS by queue depth"
-plot for [i=0:1] "$W/sweep.dat" index i every ::0::4 using 0:2:xtic(1) title columnheader(1)
+plot for [i=0:$last] "$W/sweep.dat" index i every ::0::4 using 0:2:xtic(1) title columnheader(1)
 set title "random read MiB/s by request size, depth 16"
-plot for [i=0:1] "$W/sweep.dat" index i every ::5::9 using 0:3:xtic(1) title columnheader(1)
+plot for [i=0:$last] "$W/sweep.dat" index i every ::5::9 using 0:3:xtic(1) title columnheader(1)
 unset multiplot
 GNUPLOT
 fi

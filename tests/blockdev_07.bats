@@ -18,13 +18,6 @@ teardown() {
 	true
 }
 
-attach_loop() {
-	require_root
-	require_cmd losetup
-	random_file "$W/backing" "$1"
-	LOOP=$(losetup --find --show "$W/backing" 2>/dev/null) || skip "no loop devices"
-}
-
 @test "block device: size from the device, byte-exact I/O, fixed size" {
 	attach_loop 8M
 	start_export -w "$LOOP" "$MNT"

@@ -64,8 +64,18 @@ teardown() {
 	for m in $(grep " $BATS_TEST_TMPDIR" /proc/mounts | awk '{print $2}' | sort -r); do
 		umount -l "$m" 2>/dev/null || true
 	done
+	[ -n "${LOOP:-}" ] && losetup -d "$LOOP" 2>/dev/null
 	[ -n "${FUSE_DEV_MODE:-}" ] && chmod "$FUSE_DEV_MODE" /dev/fuse
 	true
+}
+
+# attach_loop SIZE: a loop device over $W/backing, SIZE random bytes; sets
+# LOOP (detached by teardown).
+attach_loop() {
+	require_root
+	require_cmd losetup
+	random_file "$W/backing" "$1"
+	LOOP=$(losetup --find --show "$W/backing" 2>/dev/null) || skip "no loop devices"
 }
 
 require_root() { [ "$(id -u)" = 0 ] || skip "needs root"; }
@@ -73,3 +83,12 @@ require_cmd() { command -v "$1" >/dev/null || skip "needs $1"; }
 
 # Random file of SIZE bytes.
 random_file() { head -c "$2" /dev/urandom > "$1"; }
+
+# fill_ab LEN: LEN bytes of 0xab, what "fsops pwrite" writes.
+fill_ab() { head -c "$1" /dev/zero | tr '\0' '\253'; }
+
+# is_ab FILE OFF LEN: FILE holds 0xab over [OFF, OFF + LEN).
+is_ab() {
+	cmp <(dd if="$1" iflag=skip_bytes,count_bytes skip="$2" count="$3" bs=64K status=none) \
+	    <(fill_ab "$3")
+}
