@@ -3365,8 +3365,9 @@ static int serve(struct options *o)
 		if (atomic_load(&workers_live) < threads)
 			break;		/* unmounted, or a thread failed */
 	}
-	/* After an unmount the kernel has written its page cache back. */
-	return stop_export(o, &mo, atomic_load(&workers_live) == threads);
+	/* After an unmount the kernel has written its page cache back; a
+	 * read-only export has none to write. */
+	return stop_export(o, &mo, img.writable && atomic_load(&workers_live) == threads);
 }
 
 int main(int argc, char **argv)
