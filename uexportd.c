@@ -2487,11 +2487,13 @@ static bool same_file(const struct stat *a, const struct stat *b)
 }
 
 /* Open an existing pidfile or create a new one (then pidfile.ours); never
- * truncate.  O_NONBLOCK: a FIFO without a reader must not hang us.
- * Returns the descriptor or -errno. */
+ * truncate.  O_NONBLOCK: a FIFO without a reader must not hang us.  A
+ * dangling symbolic link is not followed (ENOENT): whoever can plant one
+ * must not choose what root creates.  Returns the descriptor or -errno. */
 static int pidfile_open_path(void)
 {
 	int flags = O_WRONLY | O_NONBLOCK | O_NOCTTY | O_CLOEXEC;
+	struct stat st;
 
 	for (;;) {
 		int fd = open(pidfile.path, flags);
@@ -2502,6 +2504,9 @@ static int pidfile_open_path(void)
 		pidfile.ours = fd >= 0;
 		if (fd >= 0 || errno != EEXIST)
 			return fd < 0 ? -errno : fd;
+		/* Created by someone else meanwhile, or a dangling link. */
+		if (lstat(pidfile.path, &st) == 0 && S_ISLNK(st.st_mode))
+			return -ENOENT;
 	}
 }
 

@@ -216,10 +216,15 @@ stop_with_mapping() {
 	run "$UEXPORTD" $(transport_opt) -p /dev/fd/3 "$IMG" "$MNT" 3<>"$IMG"
 	[ "$status" -ne 0 ]
 	[[ "$output" == *"pidfile /dev/fd/3: is the image $IMG"* ]]
-	# No fd 3 at all.
+	# No fd 3 at all; a dangling symbolic link (not followed, no spinning).
 	run "$UEXPORTD" $(transport_opt) -p /dev/fd/3 "$IMG" "$MNT" 3>&-
 	[ "$status" -ne 0 ]
 	[[ "$output" == *"pidfile /dev/fd/3: No such file or directory"* ]]
+	ln -s "$W/nowhere/pid" "$W/dangling"
+	run timeout -k 1 10 "$UEXPORTD" $(transport_opt) -p "$W/dangling" "$IMG" "$MNT"
+	[ "$status" = 1 ]
+	[[ "$output" == *"pidfile $W/dangling: No such file or directory"* ]]
+	[ ! -e "$W/nowhere" ]
 	# The pidfile is the image or the mount point, by any name: refused,
 	# and a file the daemon did not create is never removed.
 	ln "$IMG" "$W/img.link"
