@@ -2534,9 +2534,25 @@ static void pidfile_holder(char *buf, size_t cap)
 		close(fd);
 }
 
+/* A regular file we may overwrite: empty, or a PID and a newline (a
+ * stale pidfile).  Anything else -- a log, the image's backing file, a
+ * user's data -- is not ours to truncate. */
+static bool pidfile_overwritable(void)
+{
+	char buf[32];
+
+	if (pidfile.st.st_size == 0)
+		return true;
+	if (pidfile.st.st_size >= (off_t)sizeof(buf))
+		return false;
+	pidfile_holder(buf, sizeof(buf));
+	return *buf && strspn(buf, "0123456789") == strlen(buf) &&
+	       (off_t)strlen(buf) >= pidfile.st.st_size - 1;
+}
+
 /* Open and, if it is a regular file, lock 'path'.  Returns 0, -EBUSY when
- * another daemon holds it past PIDFILE_WAIT_MS (its PID in 'holder'), or
- * -errno. */
+ * another daemon holds it past PIDFILE_WAIT_MS (its PID in 'holder'),
+ * -EEXIST when it holds something else than a PID, or -errno. */
 static int pidfile_open(const char *path, char *holder, size_t cap)
 {
 	uint64_t deadline = now_ns() + PIDFILE_WAIT_MS * 1000000ull;
@@ -2558,6 +2574,8 @@ static int pidfile_open(const char *path, char *holder, size_t cap)
 		} else if (ret == -EWOULDBLOCK) {
 			pidfile_holder(holder, cap);
 			ret = -EBUSY;
+		} else if (ret == 1 && S_ISREG(pidfile.st.st_mode) && !pidfile_overwritable()) {
+			ret = -EEXIST;
 		}
 		if (ret <= 0) {
 			close(pidfile.fd);
@@ -2582,7 +2600,12 @@ static int pidfile_write(void)
 		pidfile.ours = true;
 		n = pwrite(pidfile.fd, buf, (size_t)len, 0);
 	} else {
+		/* A pipe or FIFO: its reader waits for EOF after the PID. */
 		n = write(pidfile.fd, buf, (size_t)len);
+		n = n < 0 ? -errno : n;
+		close(pidfile.fd);
+		pidfile.fd = -1;
+		return n < 0 ? (int)n : n == len ? 0 : -EIO;
 	}
 	if (n < 0)
 		return -errno;
@@ -3401,6 +3424,9 @@ int main(int argc, char **argv)
 		if (err == -EBUSY)
 			log_err("pidfile %s: in use by process %s", o.pidfile,
 				*holder ? holder : "(unknown)");
+		else if (err == -EEXIST)
+			log_err("pidfile %s: holds something other than a PID; not overwritten",
+				o.pidfile);
 		else
 			log_err("pidfile %s: %s", o.pidfile, strerror(-err));
 		return 1;

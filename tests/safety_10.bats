@@ -215,7 +215,12 @@ stop_with_mapping() {
 	# The caller's fd 3 is the image: refused before anything is written.
 	run "$UEXPORTD" $(transport_opt) -p /dev/fd/3 "$IMG" "$MNT" 3<>"$IMG"
 	[ "$status" -ne 0 ]
-	[[ "$output" == *"pidfile /dev/fd/3: is the image $IMG"* ]]
+	[[ "$output" == *"pidfile /dev/fd/3: holds something other than a PID"* ]]
+	# A pipe gets the PID and then EOF: pid=$(...) does not wait for the daemon.
+	pid=$(timeout -k 1 20 "$UEXPORTD" $(transport_opt) -p /dev/stdout "$IMG" "$MNT")
+	[ -n "$pid" ]; kill -0 "$pid"
+	kill -TERM "$pid"
+	wait_until 20 pid_gone "$pid"
 	# No fd 3 at all; a dangling symbolic link (not followed, no spinning).
 	run "$UEXPORTD" $(transport_opt) -p /dev/fd/3 "$IMG" "$MNT" 3>&-
 	[ "$status" -ne 0 ]
@@ -225,14 +230,22 @@ stop_with_mapping() {
 	[ "$status" = 1 ]
 	[[ "$output" == *"pidfile $W/dangling: No such file or directory"* ]]
 	[ ! -e "$W/nowhere" ]
-	# The pidfile is the image or the mount point, by any name: refused,
-	# and a file the daemon did not create is never removed.
+	# The pidfile is the image, by any name, or any file holding data (a
+	# loop device's backing file, a log): refused, never truncated, and a
+	# file the daemon did not create is never removed.
 	ln "$IMG" "$W/img.link"
-	for p in "$IMG" "$W/img.link"; do
+	echo "precious data" > "$W/precious"
+	cp "$W/precious" "$W/precious.ref"
+	for p in "$IMG" "$W/img.link" "$W/precious"; do
 		run "$UEXPORTD" $(transport_opt) -p "$p" "$IMG" "$MNT"
-		[ "$status" -ne 0 ]; [[ "$output" == *"pidfile $p: is the image"* ]]
+		[ "$status" -ne 0 ]; [[ "$output" == *"pidfile $p: holds something other than a PID; not overwritten"* ]]
 		[ -e "$p" ]
 	done
+	cmp "$W/precious" "$W/precious.ref"
+	: > "$W/empty.img"
+	run "$UEXPORTD" $(transport_opt) -p "$W/empty.img" "$W/empty.img" "$MNT"
+	[ "$status" -ne 0 ]; [[ "$output" == *"pidfile $W/empty.img: is the image"* ]]
+	[ -e "$W/empty.img" ]
 	run "$UEXPORTD" $(transport_opt) -p "$MNT" "$IMG" "$MNT"
 	[ "$status" -ne 0 ]; [[ "$output" == *"is the mount point"* ]]
 	[ -e "$MNT" ]
@@ -244,11 +257,13 @@ stop_with_mapping() {
 	cp "$W/backing" "$W/backing.ref"
 	run "$UEXPORTD" $(transport_opt) -p "$LOOP" "$IMG" "$MNT"
 	[ "$status" -ne 0 ]; [[ "$output" == *"pidfile $LOOP: is a block device"* ]]
+	run "$UEXPORTD" $(transport_opt) -w -p "$W/backing" "$LOOP" "$MNT"
+	[ "$status" -ne 0 ]; [[ "$output" == *"not overwritten"* ]]
 	cmp "$W/backing" "$W/backing.ref"
 	start_export -w "$IMG" "$MNT"
 	touch "$W/other"
 	run "$UEXPORTD" $(transport_opt) -p "$MNT" "$IMG" "$W/other"
-	[ "$status" -ne 0 ]; [[ "$output" == *"pidfile $MNT: is a FUSE export"* ]]
+	[ "$status" -ne 0 ]; [[ "$output" == *"pidfile $MNT: holds something other than a PID"* ]]
 	cmp "$IMG" "$W/ref"
 	stop_export
 }
