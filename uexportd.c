@@ -643,10 +643,11 @@ static void fuse_getattr(const struct fuse_req *req, struct fuse_reply *rep)
 }
 
 /*
- * SETATTR: size (shrink when writable, grow only with --growable), mode
- * (never +w on a read-only export), uid/gid (only with allow_other, as QEMU
- * does, so an owner cannot lock itself out), atime/mtime.  FH, LOCKOWNER and
- * CTIME carry no request of their own.
+ * SETATTR: size (fixed unless --growable, see image_truncate), mode (never
+ * +w on a read-only export), uid/gid (only with allow_other, as QEMU does,
+ * so an owner cannot lock itself out), atime/mtime (the image's own, so not
+ * on a read-only export: EROFS).  FH, LOCKOWNER and CTIME carry no request
+ * of their own.
  */
 static void fuse_setattr(const struct fuse_req *req, struct fuse_reply *rep)
 {
@@ -663,6 +664,8 @@ static void fuse_setattr(const struct fuse_req *req, struct fuse_reply *rep)
 		err = -EROFS;
 	else if ((v & FATTR_MODE) && !img.writable && (in->mode & 0222))
 		err = -EROFS;
+	else if ((v & (FATTR_ATIME | FATTR_MTIME)) && !img.writable)
+		err = -EROFS;		/* they would be written to the image */
 	else if ((v & FATTR_UID) && in->uid != img.uid && !img.allow_chown)
 		err = -EPERM;
 	else if ((v & FATTR_GID) && in->gid != img.gid && !img.allow_chown)

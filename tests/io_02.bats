@@ -111,11 +111,15 @@ write_at() {
 	require_root
 	random_file "$IMG" 64K
 	cp "$IMG" "$W/ref"
+	mtime=$(stat -c %Y "$IMG")
 	start_export "$IMG" "$MNT"
 	run "$FSOPS" open-rw "$MNT"
 	[ "$output" = "err EROFS" ]
 	run "$FSOPS" truncate "$MNT" 0
 	[ "$output" = "err EROFS" ]
+	run touch -d '2021-05-06 07:08:09' "$MNT"
+	[ "$status" -ne 0 ]; [[ "$output" == *"Read-only file system"* ]]
+	[ "$(stat -c %Y "$IMG")" = "$mtime" ]
 	run chmod 0644 "$MNT"
 	[ "$status" -ne 0 ]
 	chmod 0444 "$MNT"
