@@ -2406,6 +2406,7 @@ struct options {
 	const char *mountpoint;
 	char mountpoint_abs[PATH_MAX];
 	struct stat mountpoint_st;		/* the file underneath, before mounting */
+	int mountpoint_lock;			/* start-up lock, see mountpoint_lock() */
 	bool writable, growable, direct, foreground, passthrough;
 	enum { TRI_AUTO, TRI_ON, TRI_OFF } allow_other, io_uring;
 	unsigned queue_depth;
@@ -2815,23 +2816,27 @@ static int export_flush(const struct mount_opts *mo)
  */
 static void shutdown_export(const struct mount_opts *mo, bool flush)
 {
-	unsigned minor = 0;
+	unsigned ours = mo->dev ? minor(mo->dev) : 0, top = 0;
 	int err;
 
 	if (flush && (err = export_flush(mo)) < 0)
 		log_err("write-back of %s before unmounting: %s", mo->target, strerror(-err));
 	stopping = true;
 	/* Still mounted even if every thread is gone (an abort): a dead mount
-	 * must not outlive us. */
-	if (mount_lookup(mo->target, &minor) == 1) {
+	 * must not outlive us.  Unmount only our own connection: something
+	 * mounted over it since (a bind mount) is not ours to take down. */
+	if (mount_lookup(mo->target, &top) == 1 && (!ours || top == ours)) {
+		ours = top;
 		if (unmount_export(mo, false) < 0) {
 			log_info("%s is busy: detaching lazily", mo->target);
 			unmount_export(mo, true);
 		}
+	} else if (ours) {
+		log_info("%s is no longer our mount on top: not unmounting it", mo->target);
 	}
-	if (!workers_wait(SHUTDOWN_GRACE_MS) && mo->privileged && minor) {
+	if (!workers_wait(SHUTDOWN_GRACE_MS) && mo->privileged && ours) {
 		log_info("clients still hold %s: aborting the connection", mo->target);
-		fuse_abort_connection(minor);
+		fuse_abort_connection(ours);
 	}
 }
 
@@ -2975,6 +2980,37 @@ static int parse_options(int argc, char **argv, struct options *o)
 	return 0;
 }
 
+/*
+ * Serialize start-ups on one mount point: the check that it is not mounted
+ * and our mount are two steps, and two daemons started together would both
+ * pass the check and stack.  An flock on the file there (the file
+ * underneath, or a winner's export once mounted) is held from the check
+ * until the export is live or has failed (see serve).  Best effort when
+ * the file cannot be opened for reading.  Returns 0, or -EWOULDBLOCK after
+ * MOUNTPOINT_LOCK_MS (longer than any start-up waits).
+ */
+#define MOUNTPOINT_LOCK_MS	(RING_READY_TIMEOUT_MS + 5000)
+
+static int mountpoint_lock(struct options *o)
+{
+	uint64_t deadline = now_ns() + MOUNTPOINT_LOCK_MS * 1000000ull;
+
+	o->mountpoint_lock = open(o->mountpoint_abs, O_RDONLY | O_NONBLOCK | O_NOCTTY | O_CLOEXEC);
+	if (o->mountpoint_lock < 0)
+		return 0;
+	while (flock(o->mountpoint_lock, LOCK_EX | LOCK_NB) < 0) {
+		if (errno != EWOULDBLOCK || now_ns() > deadline) {
+			int err = errno == EWOULDBLOCK ? -EWOULDBLOCK : 0;
+
+			close(o->mountpoint_lock);
+			o->mountpoint_lock = -1;
+			return err;
+		}
+		sleep_ms(20);
+	}
+	return 0;
+}
+
 /* The mount point must be an existing regular file that is not a mount yet. */
 static int check_mountpoint(struct options *o)
 {
@@ -2992,6 +3028,10 @@ static int check_mountpoint(struct options *o)
 	if (!realpath(o->mountpoint, o->mountpoint_abs)) {
 		log_err("mount point %s: %s", o->mountpoint, strerror(errno));
 		return -errno;
+	}
+	if (mountpoint_lock(o) < 0) {
+		log_err("mount point %s: another uexportd is still starting on it", o->mountpoint);
+		return -EBUSY;
 	}
 	if (mount_lookup(o->mountpoint_abs, NULL) == 1) {
 		log_err("mount point %s: already a mount point", o->mountpoint);
@@ -3372,6 +3412,8 @@ static int serve(struct options *o)
 	int err, threads;
 
 	err = start_export(o, &mo);
+	if (o->mountpoint_lock >= 0)
+		close(o->mountpoint_lock);
 	if (err) {
 		if (fuse_dev_fd >= 0)
 			stop_export(o, &mo, false);
@@ -3403,7 +3445,7 @@ static int serve(struct options *o)
 
 int main(int argc, char **argv)
 {
-	struct options o = { 0 };
+	struct options o = { .mountpoint_lock = -1 };
 	char holder[32];
 	sigset_t set;
 	int err = 0;

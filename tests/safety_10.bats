@@ -290,3 +290,20 @@ stop_with_mapping() {
 	done
 	stop_export
 }
+
+@test "two daemons started together on one mount point: one serves, the other refuses" {
+	require_root
+	random_file "$W/a.img" 64K
+	random_file "$W/b.img" 64K
+	for i in $(seq 10); do
+		"$UEXPORTD" $(transport_opt) -w -p "$W/a.pid" "$W/a.img" "$MNT" 2>"$W/a.log" & a=$!
+		"$UEXPORTD" $(transport_opt) -w -p "$W/b.pid" "$W/b.img" "$MNT" 2>"$W/b.log" & b=$!
+		ra=0; rb=0; wait $a || ra=$?; wait $b || rb=$?
+		[ $((ra == 0)) -ne $((rb == 0)) ] || { cat "$W/a.log" "$W/b.log"; false; }
+		[ "$(grep -c " $MNT fuse" /proc/mounts)" = 1 ]
+		if [ "$ra" = 0 ]; then win=a; else win=b; fi
+		cmp "$W/$win.img" "$MNT"
+		DPID=$(cat "$W/$win.pid"); PIDFILE=$W/$win.pid
+		stop_export
+	done
+}
