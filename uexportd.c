@@ -3011,7 +3011,7 @@ static int mountpoint_lock(struct options *o)
 	return 0;
 }
 
-/* The mount point must be an existing regular file that is not a mount yet. */
+/* The mount point must be an existing regular file. */
 static int check_mountpoint(struct options *o)
 {
 	struct stat *st = &o->mountpoint_st;
@@ -3029,6 +3029,12 @@ static int check_mountpoint(struct options *o)
 		log_err("mount point %s: %s", o->mountpoint, strerror(errno));
 		return -errno;
 	}
+	return 0;
+}
+
+/* Take the mount point: locked against other start-ups, not mounted yet. */
+static int claim_mountpoint(struct options *o)
+{
 	if (mountpoint_lock(o) < 0) {
 		log_err("mount point %s: another uexportd is still starting on it", o->mountpoint);
 		return -EBUSY;
@@ -3478,7 +3484,8 @@ int main(int argc, char **argv)
 	}
 	if (!o.foreground && (err = daemonize_begin(o.mountpoint)) < 0)
 		log_err("daemonize: %s", strerror(-err));
-	if (!err && (open_image(&o) < 0 || check_mountpoint(&o) < 0 || pidfile_check(&o) < 0))
+	if (!err && (open_image(&o) < 0 || check_mountpoint(&o) < 0 || pidfile_check(&o) < 0 ||
+		     claim_mountpoint(&o) < 0))
 		err = -EINVAL;
 	if (!err)
 		err = serve(&o);
