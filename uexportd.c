@@ -1076,11 +1076,14 @@ static int image_open_path(const char *path)
 {
 	struct stat st;
 	int flags = (img.writable ? O_RDWR : O_RDONLY) | O_CLOEXEC;
-	int fd = open(path, flags | (img.direct ? O_DIRECT : 0));
+	/* O_NONBLOCK until the type is known: opening a FIFO would wait for
+	 * a writer forever. */
+	int fd = open(path, flags | O_NONBLOCK | (img.direct ? O_DIRECT : 0));
 
 	if (fd < 0)
 		return -errno;
-	if (fstat(fd, &st) < 0 || (!S_ISREG(st.st_mode) && !S_ISBLK(st.st_mode))) {
+	if (fstat(fd, &st) < 0 || (!S_ISREG(st.st_mode) && !S_ISBLK(st.st_mode)) ||
+	    fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK) < 0) {
 		int err = S_ISDIR(st.st_mode) ? -EISDIR : -EINVAL;
 
 		close(fd);
@@ -2940,16 +2943,20 @@ static int parse_options(int argc, char **argv, struct options *o)
 				return -EINVAL;
 			o->io_uring = v;
 			break;
-		case 'q':
+		case 'q': {
+			/* Range-checked on the full value, before narrowing. */
+			long depth;
+
 			errno = 0;
-			v = (int)strtol(optarg, &end, 10);
-			if (errno || *end || end == optarg || v < 1 || v > MAX_QUEUE_DEPTH) {
+			depth = strtol(optarg, &end, 10);
+			if (errno || *end || end == optarg || depth < 1 || depth > MAX_QUEUE_DEPTH) {
 				log_err("invalid --queue-depth '%s' (expected 1-%d)",
 					optarg, MAX_QUEUE_DEPTH);
 				return -EINVAL;
 			}
-			o->queue_depth = (unsigned)v;
+			o->queue_depth = (unsigned)depth;
 			break;
+		}
 		case 'h': usage(stdout); exit(0);
 		case 'V': printf("uexportd %s\n", UEXPORTD_VERSION); exit(0);
 		default:

@@ -61,6 +61,8 @@ load helpers
 	[ "$status" -ne 0 ]; [[ "$output" == *"expected 1-"* ]]
 	run "$UEXPORTD" -q abc "$IMG" "$MNT"
 	[ "$status" -ne 0 ]; [[ "$output" == *"invalid --queue-depth"* ]]
+	run "$UEXPORTD" -q 4294967297 "$IMG" "$MNT"
+	[ "$status" -ne 0 ]; [[ "$output" == *"invalid --queue-depth '4294967297'"* ]]
 	run "$UEXPORTD" --io-uring=maybe "$IMG" "$MNT"
 	[ "$status" -ne 0 ]; [[ "$output" == *"invalid --io-uring 'maybe'"* ]]
 	run "$UEXPORTD" --allow-other=yes "$IMG" "$MNT"
@@ -88,6 +90,10 @@ load helpers
 	[ "$status" -ne 0 ]; [[ "$output" == *"$W/dir: Is a directory"* ]]
 	run "$UEXPORTD" -f /dev/null "$MNT"
 	[ "$status" -ne 0 ]; [[ "$output" == *"not a regular file or block device"* ]]
+	# A FIFO is refused at once, not waited on for a writer.
+	mkfifo "$W/fifo"
+	run timeout -k 1 10 "$UEXPORTD" -f "$W/fifo" "$MNT"
+	[ "$status" = 1 ]; [[ "$output" == *"$W/fifo: not a regular file or block device"* ]]
 	random_file "$IMG" 4K
 	chmod 0444 "$IMG"
 	chattr +i "$IMG" 2>/dev/null || skip "cannot make an unwritable image (chattr)"
