@@ -215,6 +215,20 @@ static ssize_t rw_full(bool write, int fd, void *buf, size_t len, uint64_t off, 
 	return (ssize_t)done;
 }
 
+/* flock(LOCK_EX), waiting until 'deadline' (now_ns()) for the holder to
+ * let go.  Returns 0, -EWOULDBLOCK if still held then, or -errno. */
+static int flock_until(int fd, uint64_t deadline)
+{
+	while (flock(fd, LOCK_EX | LOCK_NB) < 0) {
+		int err = errno;
+
+		if (err != EWOULDBLOCK || now_ns() > deadline)
+			return -err;
+		sleep_ms(20);
+	}
+	return 0;
+}
+
 static int write_file(const char *path, const char *text)
 {
 	int fd = open(path, O_WRONLY | O_CLOEXEC);
@@ -2517,15 +2531,17 @@ static int pidfile_open_path(void)
 	}
 }
 
-/* Lock the regular file open as pidfile.fd.  Returns 1 if locked and
- * still linked at its path, 0 if its owner removed it meanwhile (open it
- * again), -EWOULDBLOCK while another daemon holds it, -errno. */
-static int pidfile_lock(void)
+/* Lock the regular file open as pidfile.fd, waiting until 'deadline'.
+ * Returns 1 if locked and still linked at its path, 0 if its owner removed
+ * it meanwhile (open it again), -EWOULDBLOCK if another daemon still holds
+ * it, -errno. */
+static int pidfile_lock(uint64_t deadline)
 {
 	struct stat st;
+	int err = flock_until(pidfile.fd, deadline);
 
-	if (flock(pidfile.fd, LOCK_EX | LOCK_NB) < 0)
-		return -errno;
+	if (err)
+		return err;
 	return stat(pidfile.path, &st) == 0 && same_file(&st, &pidfile.st);
 }
 
@@ -2574,11 +2590,8 @@ static int pidfile_open(const char *path, char *holder, size_t cap)
 		if (fstat(pidfile.fd, &pidfile.st) < 0 || fcntl(pidfile.fd, F_SETFL, 0) < 0)
 			ret = -errno;
 		else
-			ret = S_ISREG(pidfile.st.st_mode) ? pidfile_lock() : 1;
-		if (ret == -EWOULDBLOCK && now_ns() < deadline) {
-			sleep_ms(20);
-			ret = 0;
-		} else if (ret == -EWOULDBLOCK) {
+			ret = S_ISREG(pidfile.st.st_mode) ? pidfile_lock(deadline) : 1;
+		if (ret == -EWOULDBLOCK) {
 			pidfile_holder(holder, cap);
 			ret = -EBUSY;
 		} else if (ret == 1 && S_ISREG(pidfile.st.st_mode) && !pidfile_overwritable()) {
@@ -2607,16 +2620,15 @@ static int pidfile_write(void)
 		pidfile.ours = true;
 		n = pwrite(pidfile.fd, buf, (size_t)len, 0);
 	} else {
-		/* A pipe or FIFO: its reader waits for EOF after the PID. */
 		n = write(pidfile.fd, buf, (size_t)len);
-		n = n < 0 ? -errno : n;
+	}
+	n = n < 0 ? -errno : n == len ? 0 : -EIO;
+	/* A pipe or FIFO: its reader waits for EOF after the PID. */
+	if (!S_ISREG(pidfile.st.st_mode)) {
 		close(pidfile.fd);
 		pidfile.fd = -1;
-		return n < 0 ? (int)n : n == len ? 0 : -EIO;
 	}
-	if (n < 0)
-		return -errno;
-	return n == len ? 0 : -EIO;
+	return (int)n;
 }
 
 /* Remove the pidfile if it is ours and still there, then release it. */
@@ -3000,22 +3012,17 @@ static int parse_options(int argc, char **argv, struct options *o)
 
 static int mountpoint_lock(struct options *o)
 {
-	uint64_t deadline = now_ns() + MOUNTPOINT_LOCK_MS * 1000000ull;
+	int err;
 
 	o->mountpoint_lock = open(o->mountpoint_abs, O_RDONLY | O_NONBLOCK | O_NOCTTY | O_CLOEXEC);
 	if (o->mountpoint_lock < 0)
 		return 0;
-	while (flock(o->mountpoint_lock, LOCK_EX | LOCK_NB) < 0) {
-		if (errno != EWOULDBLOCK || now_ns() > deadline) {
-			int err = errno == EWOULDBLOCK ? -EWOULDBLOCK : 0;
-
-			close(o->mountpoint_lock);
-			o->mountpoint_lock = -1;
-			return err;
-		}
-		sleep_ms(20);
+	err = flock_until(o->mountpoint_lock, now_ns() + MOUNTPOINT_LOCK_MS * 1000000ull);
+	if (err) {
+		close(o->mountpoint_lock);
+		o->mountpoint_lock = -1;
 	}
-	return 0;
+	return err == -EWOULDBLOCK ? err : 0;
 }
 
 /* The mount point must be an existing regular file. */
