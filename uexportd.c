@@ -1809,29 +1809,45 @@ static void uring_set_go(int go)
 	pthread_mutex_unlock(&uring_lock);
 }
 
-/* Number of possible CPUs from /sys/devices/system/cpu/possible ("0-1",
- * "0,2-5"): the kernel's queue count.  Never guessed. */
+/* Count the CPUs in a kernel CPU list ("0-1", "0,2-5", "0-3,8-11\n", the
+ * format of /sys/devices/system/cpu/possible).  Returns the count, or
+ * -EINVAL for anything else (empty, reversed or open ranges, junk). */
+static int parse_cpu_list(const char *s)
+{
+	int n = 0;
+
+	while (*s && *s != '\n') {
+		char *end;
+		long a, b;
+
+		if (!isdigit((unsigned char)*s))
+			return -EINVAL;
+		a = b = strtol(s, &end, 10);
+		if (*end == '-') {
+			if (!isdigit((unsigned char)end[1]))
+				return -EINVAL;
+			b = strtol(end + 1, &end, 10);
+		}
+		if (b < a || b >= CPU_SETSIZE * 64L)
+			return -EINVAL;
+		n += (int)(b - a + 1);
+		if (*end == ',' && isdigit((unsigned char)end[1]))
+			end++;
+		else if (*end && *end != '\n')
+			return -EINVAL;
+		s = end;
+	}
+	return n > 0 ? n : -EINVAL;
+}
+
+/* Number of possible CPUs: the kernel's queue count.  Never guessed. */
 static int possible_cpus(void)
 {
-	char buf[256], *p = buf;
-	int n = 0;
+	char buf[256];
 
 	if (read_small_file("/sys/devices/system/cpu/possible", buf, sizeof(buf)) <= 0)
 		return -ENOENT;
-	while (*p && *p != '\n') {
-		char *end;
-		long a = strtol(p, &end, 10), b = a;
-
-		if (end == p)
-			return -EINVAL;
-		if (*end == '-') {
-			p = end + 1;
-			b = strtol(p, &end, 10);
-		}
-		n += (int)(b - a + 1);
-		p = *end == ',' ? end + 1 : end;
-	}
-	return n > 0 ? n : -EINVAL;
+	return parse_cpu_list(buf);
 }
 
 static int ring_queue_setup(struct ring_queue *q)
@@ -3129,10 +3145,8 @@ static int open_image(const struct options *o)
  */
 static void memory_plan(uint64_t budget, unsigned units, unsigned *depth, uint32_t *payload)
 {
-	uint64_t need;
-
 	*payload = MAX_PAYLOAD;
-	while ((need = (uint64_t)units * *depth * *payload) > budget) {
+	while ((uint64_t)units * *depth * *payload > budget) {
 		if (*depth > 16)
 			*depth = *depth / 2 < 16 ? 16 : *depth / 2;
 		else if (*payload > MIN_PAYLOAD)
@@ -3142,8 +3156,13 @@ static void memory_plan(uint64_t budget, unsigned units, unsigned *depth, uint32
 		else
 			break;		/* over budget even at the minimum */
 	}
+}
+
+static void memory_plan_log(uint64_t budget, unsigned units, unsigned depth, uint32_t payload)
+{
 	log_info("memory: %u x %u buffers of %u KiB = %llu MiB (budget %llu MiB)",
-		 units, *depth, *payload >> 10, (unsigned long long)(need >> 20),
+		 units, depth, payload >> 10,
+		 (unsigned long long)((uint64_t)units * depth * payload >> 20),
 		 (unsigned long long)(budget >> 20));
 }
 
@@ -3219,6 +3238,7 @@ static int fuse_handshake(const struct options *o, unsigned nr_cpus, const char 
 		}
 		if (offered) {
 			memory_plan(o->max_memory, (unsigned)nq, &uring_depth, &payload);
+			memory_plan_log(o->max_memory, (unsigned)nq, uring_depth, payload);
 			err = fuse_init(init, &reply.init, payload, nr_cpus);
 			uerr = err ? err : uring_setup((unsigned)nq, reason);
 		}
@@ -3234,6 +3254,7 @@ static int fuse_handshake(const struct options *o, unsigned nr_cpus, const char 
 		unsigned two = 2;
 
 		memory_plan(o->max_memory, nr_cpus, &two, &payload);
+		memory_plan_log(o->max_memory, nr_cpus, two, payload);
 		err = fuse_init(init, &reply.init, payload, nr_cpus);
 	}
 	reply.hdr.len = err ? sizeof(reply.hdr) : sizeof(reply);
