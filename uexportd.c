@@ -16,11 +16,16 @@
  * itself and only metadata reaches the daemon.
  *
  * Only libc and kernel uapi headers are used; the FUSE wire structures come
- * from our own fuse_kernel.h.  Sections, bottom-up:
+ * from our own fuse_kernel.h.  Sections, bottom-up (each uses only those
+ * above it):
  *
- *   platform wrappers -> io_uring rings -> types -> FUSE request handlers ->
- *   image backend -> /dev/fuse transport -> io_uring transport ->
- *   mount/unmount -> lifecycle -> options and main
+ *   platform -> io_uring rings -> image backends -> FUSE protocol ->
+ *   transports (/dev/fuse, io_uring) -> mount -> start-up -> lifecycle ->
+ *   options and main
+ *
+ * State: main() creates one struct export (the image, the connection, the
+ * serving threads) and passes it down; the io_uring side is its own struct
+ * ring_pool.  The only file-scope variables are the log's settings.
  */
 #define _GNU_SOURCE
 #include <ctype.h>
@@ -100,6 +105,7 @@
 #define RING_READY_TIMEOUT_MS	10000
 #define SHUTDOWN_GRACE_MS	3000	/* clients still holding the file */
 
+/* Wire layouts the protocol promises (include/uapi/linux/fuse.h). */
 _Static_assert(sizeof(struct fuse_in_header) == 40, "fuse_in_header");
 _Static_assert(sizeof(struct fuse_out_header) == 16, "fuse_out_header");
 _Static_assert(sizeof(struct fuse_init_in) == 64, "fuse_init_in");
@@ -113,10 +119,12 @@ _Static_assert(sizeof(struct fuse_fallocate_in) == 32, "fuse_fallocate_in");
 _Static_assert(sizeof(struct fuse_lseek_in) == 24, "fuse_lseek_in");
 
 /* ======================================================================
- * Platform: logging, small syscall helpers, parsing
+ * Platform: logging, small syscall helpers, parsing, CPUs
  *
  * Everything below returns -errno on failure; only the boundary (main, a
- * thread's top level) logs, once, with context.
+ * start-up phase's caller, a thread's top level) logs, once, with context.
+ * The log's settings are the program's only file-scope variables: fixed by
+ * the options, except log_syslog, set once when daemonized.
  * ====================================================================== */
 
 static bool log_syslog;		/* stderr is gone once daemonized */
@@ -269,11 +277,7 @@ static void *buffer_alloc(size_t len)
 
 static size_t page_size(void)
 {
-	static size_t ps;
-
-	if (!ps)
-		ps = (size_t)sysconf(_SC_PAGESIZE);
-	return ps;
+	return (size_t)sysconf(_SC_PAGESIZE);
 }
 
 static size_t round_up(size_t v, size_t to)
@@ -306,13 +310,82 @@ static int parse_size(const char *s, uint64_t *out)
 	return 0;
 }
 
+/* Count the CPUs in a kernel CPU list ("0-1", "0,2-5", "0-3,8-11\n", the
+ * format of /sys/devices/system/cpu/possible).  Returns the count, or
+ * -EINVAL for anything else (empty, reversed or open ranges, junk). */
+static int parse_cpu_list(const char *s)
+{
+	int n = 0;
+
+	while (*s && *s != '\n') {
+		char *end;
+		long a, b;
+
+		if (!isdigit((unsigned char)*s))
+			return -EINVAL;
+		a = b = strtol(s, &end, 10);
+		if (*end == '-') {
+			if (!isdigit((unsigned char)end[1]))
+				return -EINVAL;
+			b = strtol(end + 1, &end, 10);
+		}
+		if (b < a || b >= CPU_SETSIZE * 64L)
+			return -EINVAL;
+		n += (int)(b - a + 1);
+		if (*end == ',' && isdigit((unsigned char)end[1]))
+			end++;
+		else if (*end && *end != '\n')
+			return -EINVAL;
+		s = end;
+	}
+	return n > 0 ? n : -EINVAL;
+}
+
+/* Number of possible CPUs: the kernel's queue count.  Never guessed. */
+static int possible_cpus(void)
+{
+	char buf[256];
+
+	if (read_small_file("/sys/devices/system/cpu/possible", buf, sizeof(buf)) <= 0)
+		return -ENOENT;
+	return parse_cpu_list(buf);
+}
+
+/* The CPUs this process may run on, in order; one serving thread each. */
+static unsigned cpu_list(int *cpus, unsigned max)
+{
+	cpu_set_t set;
+	unsigned n = 0;
+
+	if (sched_getaffinity(0, sizeof(set), &set) < 0) {
+		cpus[0] = -1;
+		return 1;
+	}
+	for (int c = 0; c < CPU_SETSIZE && n < max; c++)
+		if (CPU_ISSET(c, &set))
+			cpus[n++] = c;
+	return n ? n : 1;
+}
+
+static void pin_to_cpu(int cpu)
+{
+	cpu_set_t set;
+
+	if (cpu < 0)
+		return;
+	CPU_ZERO(&set);
+	CPU_SET(cpu, &set);
+	pthread_setaffinity_np(pthread_self(), sizeof(set), &set);
+}
+
 /* ======================================================================
  * io_uring rings, by raw syscalls
  *
  * Memory ordering on the shared ring indices (the kernel is the other side):
  *   - SQ tail: we write it with a release store after the SQE is complete,
  *     so the kernel never sees a half-written SQE;
- *   - SQ head: the kernel's; we only compare against it, relaxed;
+ *   - SQ head: the kernel's; an acquire load before reusing the slots it
+ *     has consumed;
  *   - CQ tail: the kernel's; an acquire load orders it before reading CQEs;
  *   - CQ head: ours; a release store after we are done with the CQEs hands
  *     their slots back.
@@ -446,13 +519,21 @@ static void ring_exit(struct ring *r)
 	close(r->fd);
 }
 
-/* Next free SQE, zeroed.  Callers keep at most sq_entries SQEs outstanding,
- * so this cannot run out (see ring_queue for the counting argument). */
+/*
+ * Next free SQE, zeroed.  Its owner keeps at most sq_entries SQEs written
+ * and not yet consumed by the kernel (the transport's counting invariant,
+ * see the io_uring transport), so the SQ cannot be full here.  If it is,
+ * that invariant is broken: returns NULL, and the caller stops loudly
+ * rather than overwrite an SQE the kernel has not read.
+ */
 static struct io_uring_sqe *ring_sqe(struct ring *r)
 {
-	struct io_uring_sqe *sqe =
-		(void *)(r->sqes + (size_t)(r->sq_local_tail & r->sq_mask) * RING_SQE_SIZE);
+	unsigned head = atomic_load_explicit(r->sq_head, memory_order_acquire);
+	struct io_uring_sqe *sqe;
 
+	if (r->sq_local_tail - head >= r->sq_entries)
+		return NULL;
+	sqe = (void *)(r->sqes + (size_t)(r->sq_local_tail & r->sq_mask) * RING_SQE_SIZE);
 	r->sq_local_tail++;
 	memset(sqe, 0, RING_SQE_SIZE);
 	return sqe;
@@ -485,10 +566,78 @@ static const char *ring_flags_string(unsigned f, char *buf, size_t cap)
 }
 
 /* ======================================================================
- * Types shared by the layers below
+ * Image backends
+ *
+ * The exported image is one struct image; what differs between a regular
+ * file, a block device (fixed size; fallocate maps to the device's
+ * discard/zero-out) and null (reads are zeros, writes vanish, nothing is
+ * allocated) is its struct image_ops table.  The generic image_*() calls
+ * at the end of this section apply the rules every backend shares (the
+ * size, growing, clipping at EOF) and call the table for the rest; the
+ * protocol layer uses only those.  A new backend, or a window over one, is
+ * one new table.
+ *
+ * image.size is the authoritative size; only truncate and growing writes
+ * change it.
  * ====================================================================== */
 
-enum backend { BACKEND_FILE, BACKEND_BLOCKDEV, BACKEND_NULL };
+/* Descriptors of an image, by role; ring transports register them in this
+ * order as fixed files. */
+enum {
+	IMAGE_FD_MAIN,		/* O_DIRECT with --direct */
+	IMAGE_FD_BUFFERED,	/* for I/O O_DIRECT cannot do; same file otherwise */
+	IMAGE_NR_FDS
+};
+
+/*
+ * One READ or WRITE against the image, prepared by the protocol layer and
+ * run in the calling thread (image_ops.rw), without blocking
+ * (image_ops.rw_nowait), or through a ring on image.fds[fd_role].  'buf'
+ * belongs to the transport and stays valid until the reply is sent.
+ */
+struct image_io {
+	bool write;
+	unsigned fd_role;	/* IMAGE_FD_* this I/O must use */
+	int rw_flags;		/* RWF_DSYNC/RWF_SYNC: durable before the reply */
+	uint64_t off;		/* bytes */
+	uint32_t len;
+	uint32_t done;		/* bytes already transferred (see rw_nowait) */
+	void *buf;
+	size_t buf_zeroed;	/* in: leading bytes of buf known to be zero */
+	bool zeros;		/* out: the read produced zeros only (null:) */
+};
+
+struct image;
+
+/*
+ * A backend.  Every call returns 0 (or a count, a position) or -errno.
+ * Offsets and lengths are bytes, already inside [0, size) unless said.
+ */
+struct image_ops {
+	const char *kind;		/* for messages: "block device" */
+	bool fixed_size;		/* never resized: --growable refused */
+	bool backing_file;		/* the kernel can do its I/O (--passthrough) */
+	/* The I/O in the calling thread: bytes moved (short only at EOF for
+	 * reads), or -errno when nothing was. */
+	ssize_t (*rw)(struct image *, struct image_io *);
+	/* The same without blocking, or -EAGAIN with io->done set to what was
+	 * moved, for a ring to do the rest on image.fds[io->fd_role]. */
+	ssize_t (*rw_nowait)(struct image *, struct image_io *);
+	/* st_blocks and the three times. */
+	int (*getattr)(struct image *, struct fuse_attr *);
+	/* atime, mtime as utimensat(2) takes them (UTIME_NOW, UTIME_OMIT). */
+	int (*set_times)(struct image *, const struct timespec ts[2]);
+	/* The backing store's size, for a growable truncate. */
+	int (*resize)(struct image *, uint64_t size);
+	/* Read back as zeros, size unchanged, no byte outside touched. */
+	int (*zero)(struct image *, uint64_t off, uint64_t len);
+	/* fallocate(2) modes the protocol lets through (see image_fallocate). */
+	int (*fallocate)(struct image *, int mode, uint64_t off, uint64_t len);
+	/* SEEK_DATA/SEEK_HOLE from 'off' < 'size'; may return >= size. */
+	int64_t (*seek)(struct image *, uint64_t off, int whence, uint64_t size);
+	int (*statfs)(struct image *, struct fuse_kstatfs *);
+	int (*sync)(struct image *, bool datasync);
+};
 
 /*
  * The exported image.  Fields above the line are set before the first
@@ -496,23 +645,600 @@ enum backend { BACKEND_FILE, BACKEND_BLOCKDEV, BACKEND_NULL };
  */
 struct image {
 	const char *path;		/* as given, for messages */
-	enum backend backend;
+	const struct image_ops *ops;
 	bool writable, growable, direct;
 	bool in_memory;			/* tmpfs/ramfs: I/O never blocks */
 	bool passthrough;		/* the kernel reads and writes the file */
-	int backing_id;			/* from FUSE_DEV_IOC_BACKING_OPEN */
-	int fd;				/* O_DIRECT when --direct */
-	int fd_buffered;		/* for I/O that O_DIRECT cannot do; == fd otherwise */
-	uint32_t align;			/* O_DIRECT alignment of offset, length, buffer */
-	uint32_t block_size;		/* a block device's logical block (fallocate unit) */
 	bool allow_chown;		/* uid/gid may change: only with allow_other */
+	int backing_id;			/* from FUSE_DEV_IOC_BACKING_OPEN */
+	int fds[IMAGE_NR_FDS];		/* see IMAGE_FD_*; -1 for null: */
+	unsigned nr_fds;		/* 0 for null: */
+	uint32_t align;			/* O_DIRECT alignment of offset, length, buffer */
+	uint32_t zero_unit;		/* smallest unit fallocate zeroes: a device's
+					 * logical block, 1 for a file */
 	/* ---- */
 	_Atomic uint64_t size;		/* authoritative file size */
 	_Atomic uint32_t mode;		/* permission bits of the exported file */
 	_Atomic uint32_t uid, gid;
+	atomic_bool nowait_read_ok, nowait_write_ok;	/* RWF_NOWAIT works */
 	pthread_mutex_t times_lock;	/* times of non-file backends */
 	struct timespec atime, mtime, ctime;
 };
+
+/* Raise img->size to 'end' if smaller (concurrent growing writes race here). */
+static void image_size_grow(struct image *img, uint64_t end)
+{
+	uint64_t cur = img->size;
+
+	while (cur < end && !atomic_compare_exchange_weak(&img->size, &cur, end))
+		;
+}
+
+static void ts_to_attr(const struct timespec *ts, uint64_t *sec, uint32_t *nsec)
+{
+	*sec = (uint64_t)ts->tv_sec;
+	*nsec = (uint32_t)ts->tv_nsec;
+}
+
+/* ---- Shared by the file and block-device backends ---- */
+
+static ssize_t fd_rw(struct image *img, struct image_io *io)
+{
+	return rw_full(io->write, img->fds[io->fd_role], io->buf, io->len, io->off,
+		       io->rw_flags);
+}
+
+/* O_DIRECT I/O: the device moves the data, no CPU copy to place. */
+static bool image_io_direct(const struct image *img, const struct image_io *io)
+{
+	return img->direct && io->fd_role == IMAGE_FD_MAIN;
+}
+
+/*
+ * Try the I/O without blocking: when the data is in the host page cache, a
+ * copy here is far cheaper than a trip through the ring.  A tmpfs image
+ * never blocks, and tmpfs cannot do non-blocking ring I/O (every request
+ * would go to an io-wq worker thread), so it is always done here.  Other
+ * files use RWF_NOWAIT.  Never used for O_DIRECT I/O, nor for a synchronous
+ * write (its flush would block the queue's thread: it goes to the ring).
+ */
+static ssize_t fd_rw_nowait(struct image *img, struct image_io *io)
+{
+	atomic_bool *ok = io->write ? &img->nowait_write_ok : &img->nowait_read_ok;
+	struct iovec iov = { io->buf, io->len };
+	ssize_t n;
+
+	io->done = 0;
+	if (img->in_memory)
+		return fd_rw(img, io);
+	if (!atomic_load_explicit(ok, memory_order_relaxed) || image_io_direct(img, io) ||
+	    io->rw_flags)
+		return -EAGAIN;
+	n = sys_rw2(io->write, img->fds[io->fd_role], &iov, io->off, RWF_NOWAIT);
+	if (n == -EOPNOTSUPP)	/* this file system cannot: stop trying */
+		atomic_store_explicit(ok, false, memory_order_relaxed);
+	if (n < 0)
+		return n == -EOPNOTSUPP ? -EAGAIN : n;
+	if ((size_t)n == io->len || (n == 0 && !io->write))
+		return n;
+	io->done = (uint32_t)n;
+	return -EAGAIN;
+}
+
+/* Write zeros over [off, off + len) with plain buffered writes: for what
+ * fallocate cannot do. */
+static int fd_write_zeroes(struct image *img, uint64_t off, uint64_t len)
+{
+	static const char zeros[64 << 10];
+
+	while (len > 0) {
+		size_t n = len < sizeof(zeros) ? (size_t)len : sizeof(zeros);
+		ssize_t r = rw_full(true, img->fds[IMAGE_FD_BUFFERED], (void *)zeros, n, off, 0);
+
+		if (r < 0)
+			return (int)r;
+		if ((size_t)r < n)
+			return -EIO;
+		off += n;
+		len -= n;
+	}
+	return 0;
+}
+
+/* Zero whole zero_units in place, cheapest first: PUNCH_HOLE deallocates (a
+ * hole in a file; on a device a write-zeroes with unmap, refused unless the
+ * device does it efficiently, block/fops.c), ZERO_RANGE writes zeroes the
+ * device's way, and plain writes cover file systems with neither. */
+static int fd_zero_units(struct image *img, uint64_t off, uint64_t len)
+{
+	static const int modes[] = { FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE };
+
+	for (unsigned i = 0; i < 2; i++) {
+		if (fallocate(img->fds[IMAGE_FD_MAIN], modes[i] | FALLOC_FL_KEEP_SIZE,
+			      (off_t)off, (off_t)len) == 0)
+			return 0;
+		if (errno != EOPNOTSUPP)
+			return -errno;
+	}
+	return fd_write_zeroes(img, off, len);
+}
+
+/* image_ops.zero: fallocate takes whole zero_units only; the partial units
+ * at either end are written. */
+static int fd_zero(struct image *img, uint64_t off, uint64_t len)
+{
+	uint64_t unit = img->zero_unit, end = off + len;
+	uint64_t first = (off + unit - 1) / unit * unit, last = end / unit * unit;
+	int err;
+
+	if (len == 0)
+		return 0;
+	if (first >= last)
+		return fd_write_zeroes(img, off, len);
+	err = fd_write_zeroes(img, off, first - off);
+	if (!err)
+		err = fd_write_zeroes(img, last, end - last);
+	return err ? err : fd_zero_units(img, first, last - first);
+}
+
+static int fd_sync(struct image *img, bool datasync)
+{
+	int fd = img->fds[IMAGE_FD_MAIN];
+
+	return (datasync ? fdatasync(fd) : fsync(fd)) < 0 ? -errno : 0;
+}
+
+/* Times kept in memory, for backends whose inode is not the image's:
+ * a device node's times are not the disk's. */
+static void mem_get_times(struct image *img, struct fuse_attr *a)
+{
+	pthread_mutex_lock(&img->times_lock);
+	ts_to_attr(&img->atime, &a->atime, &a->atimensec);
+	ts_to_attr(&img->mtime, &a->mtime, &a->mtimensec);
+	ts_to_attr(&img->ctime, &a->ctime, &a->ctimensec);
+	pthread_mutex_unlock(&img->times_lock);
+}
+
+static int mem_set_times(struct image *img, const struct timespec ts[2])
+{
+	struct timespec now;
+
+	clock_gettime(CLOCK_REALTIME, &now);
+	pthread_mutex_lock(&img->times_lock);
+	if (ts[0].tv_nsec != UTIME_OMIT)
+		img->atime = ts[0].tv_nsec == UTIME_NOW ? now : ts[0];
+	if (ts[1].tv_nsec != UTIME_OMIT)
+		img->mtime = ts[1].tv_nsec == UTIME_NOW ? now : ts[1];
+	img->ctime = now;
+	pthread_mutex_unlock(&img->times_lock);
+	return 0;
+}
+
+/* A synthetic statfs for backends with no file system of their own. */
+static int mem_statfs(struct image *img, struct fuse_kstatfs *st)
+{
+	st->bsize = st->frsize = 4096;
+	st->blocks = (img->size + 4095) / 4096;
+	st->files = 1;
+	return 0;
+}
+
+/* ---- Regular file ---- */
+
+/* st_blocks and times are the file's own: cp --sparse and du see holes. */
+static int file_getattr(struct image *img, struct fuse_attr *a)
+{
+	struct stat st;
+
+	if (fstat(img->fds[IMAGE_FD_MAIN], &st) < 0)
+		return -errno;
+	if (img->passthrough)	/* the kernel may have grown it */
+		img->size = a->size = (uint64_t)st.st_size;
+	a->blocks = (uint64_t)st.st_blocks;
+	ts_to_attr(&st.st_atim, &a->atime, &a->atimensec);
+	ts_to_attr(&st.st_mtim, &a->mtime, &a->mtimensec);
+	ts_to_attr(&st.st_ctim, &a->ctime, &a->ctimensec);
+	return 0;
+}
+
+static int file_set_times(struct image *img, const struct timespec ts[2])
+{
+	return futimens(img->fds[IMAGE_FD_MAIN], ts) < 0 ? -errno : 0;
+}
+
+static int file_resize(struct image *img, uint64_t size)
+{
+	return ftruncate(img->fds[IMAGE_FD_MAIN], (off_t)size) < 0 ? -errno : 0;
+}
+
+static int file_fallocate(struct image *img, int mode, uint64_t off, uint64_t len)
+{
+	return fallocate(img->fds[IMAGE_FD_MAIN], mode, (off_t)off, (off_t)len) < 0 ? -errno : 0;
+}
+
+static int64_t file_seek(struct image *img, uint64_t off, int whence, uint64_t size)
+{
+	off_t pos = lseek(img->fds[IMAGE_FD_MAIN], (off_t)off, whence);
+
+	if (pos < 0 && errno == ENXIO && whence == SEEK_HOLE)
+		return (int64_t)size;
+	return pos < 0 ? -errno : pos;
+}
+
+static int file_statfs(struct image *img, struct fuse_kstatfs *st)
+{
+	struct statfs sfs;
+
+	if (fstatfs(img->fds[IMAGE_FD_MAIN], &sfs) < 0)
+		return -errno;
+	st->blocks = (uint64_t)sfs.f_blocks;
+	st->bfree = (uint64_t)sfs.f_bfree;
+	st->bavail = (uint64_t)sfs.f_bavail;
+	st->files = (uint64_t)sfs.f_files;
+	st->ffree = (uint64_t)sfs.f_ffree;
+	st->bsize = (uint32_t)sfs.f_bsize;
+	st->frsize = (uint32_t)(sfs.f_frsize ? sfs.f_frsize : sfs.f_bsize);
+	return 0;
+}
+
+static const struct image_ops file_ops = {
+	.kind = "regular file", .backing_file = true,
+	.rw = fd_rw, .rw_nowait = fd_rw_nowait,
+	.getattr = file_getattr, .set_times = file_set_times,
+	.resize = file_resize, .zero = fd_zero, .fallocate = file_fallocate,
+	.seek = file_seek, .statfs = file_statfs, .sync = fd_sync,
+};
+
+/* ---- Block device: fixed size, all data ---- */
+
+static int blkdev_getattr(struct image *img, struct fuse_attr *a)
+{
+	a->blocks = (img->size + 511) / 512;
+	mem_get_times(img, a);
+	return 0;
+}
+
+static int blkdev_resize(struct image *img, uint64_t size)
+{
+	(void)img;
+	(void)size;
+	return -EFBIG;		/* fixed_size: never asked */
+}
+
+/* Preallocation is a no-op on a device; punching and zeroing both leave
+ * zeros, at any byte offset. */
+static int blkdev_fallocate(struct image *img, int mode, uint64_t off, uint64_t len)
+{
+	return (mode & ~FALLOC_FL_KEEP_SIZE) ? fd_zero(img, off, len) : 0;
+}
+
+static int64_t blkdev_seek(struct image *img, uint64_t off, int whence, uint64_t size)
+{
+	(void)img;
+	return whence == SEEK_DATA ? (int64_t)off : (int64_t)size;
+}
+
+static const struct image_ops blkdev_ops = {
+	.kind = "block device", .fixed_size = true,
+	.rw = fd_rw, .rw_nowait = fd_rw_nowait,
+	.getattr = blkdev_getattr, .set_times = mem_set_times,
+	.resize = blkdev_resize, .zero = fd_zero, .fallocate = blkdev_fallocate,
+	.seek = blkdev_seek, .statfs = mem_statfs, .sync = fd_sync,
+};
+
+/* ---- null: reads are zeros, writes vanish, all hole ---- */
+
+/* Zeroing 1 MiB per read would dominate what null: measures: the transport
+ * says in buf_zeroed what is still zero from last time. */
+static ssize_t null_rw(struct image *img, struct image_io *io)
+{
+	(void)img;
+	if (!io->write && io->len > io->buf_zeroed)
+		memset((char *)io->buf + io->buf_zeroed, 0, io->len - io->buf_zeroed);
+	io->zeros = !io->write;
+	return io->len;
+}
+
+static int null_getattr(struct image *img, struct fuse_attr *a)
+{
+	a->blocks = 0;
+	mem_get_times(img, a);
+	return 0;
+}
+
+static int null_nothing(struct image *img, uint64_t off, uint64_t len)
+{
+	(void)img;
+	(void)off;
+	(void)len;
+	return 0;
+}
+
+static int null_resize(struct image *img, uint64_t size)
+{
+	return null_nothing(img, size, 0);
+}
+
+static int null_fallocate(struct image *img, int mode, uint64_t off, uint64_t len)
+{
+	(void)mode;
+	return null_nothing(img, off, len);
+}
+
+static int64_t null_seek(struct image *img, uint64_t off, int whence, uint64_t size)
+{
+	(void)img;
+	(void)size;
+	return whence == SEEK_DATA ? -ENXIO : (int64_t)off;
+}
+
+static int null_sync(struct image *img, bool datasync)
+{
+	(void)datasync;
+	return null_nothing(img, 0, 0);
+}
+
+static const struct image_ops null_ops = {
+	.kind = "null", .rw = null_rw, .rw_nowait = null_rw,
+	.getattr = null_getattr, .set_times = mem_set_times,
+	.resize = null_resize, .zero = null_nothing, .fallocate = null_fallocate,
+	.seek = null_seek, .statfs = mem_statfs, .sync = null_sync,
+};
+
+/* ---- Opening ---- */
+
+/* "null:SIZE".  -EINVAL for a malformed size. */
+static int image_open_null(struct image *img, const char *spec)
+{
+	uint64_t size;
+
+	if (parse_size(spec + 5, &size) < 0)
+		return -EINVAL;
+	img->ops = &null_ops;
+	img->size = size;
+	return 0;
+}
+
+/* A block device's size and logical block size (BLKGETSIZE64, BLKSSZGET). */
+static int image_probe_blkdev(struct image *img, int fd)
+{
+	uint64_t size;
+	int ssz = 512;
+
+	if (ioctl(fd, BLKGETSIZE64, &size) < 0)
+		return -errno;
+	ioctl(fd, BLKSSZGET, &ssz);
+	img->size = size;
+	img->align = img->zero_unit = (uint32_t)ssz;
+	return 0;
+}
+
+/* A regular file or block device.  -EISDIR, -EINVAL (any other type), or
+ * the -errno of open/ioctl. */
+static int image_open_path(struct image *img, const char *path)
+{
+	struct stat st;
+	struct statfs sfs;
+	int flags = (img->writable ? O_RDWR : O_RDONLY) | O_CLOEXEC;
+	/* O_NONBLOCK until the type is known: opening a FIFO would wait for
+	 * a writer forever. */
+	int fd = open(path, flags | O_NONBLOCK | (img->direct ? O_DIRECT : 0));
+	int err;
+
+	if (fd < 0)
+		return -errno;
+	if (fstat(fd, &st) < 0 || (!S_ISREG(st.st_mode) && !S_ISBLK(st.st_mode)) ||
+	    fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK) < 0) {
+		err = S_ISDIR(st.st_mode) ? -EISDIR : -EINVAL;
+		close(fd);
+		return err;
+	}
+	img->fds[IMAGE_FD_MAIN] = img->fds[IMAGE_FD_BUFFERED] = fd;
+	img->nr_fds = IMAGE_NR_FDS;
+	img->align = img->zero_unit = 1;
+	img->ops = S_ISBLK(st.st_mode) ? &blkdev_ops : &file_ops;
+	if (S_ISBLK(st.st_mode) && (err = image_probe_blkdev(img, fd)) < 0)
+		return err;
+	if (S_ISREG(st.st_mode))
+		img->size = (uint64_t)st.st_size;
+	if (img->direct) {
+		/* Unaligned requests (dd bs=7) cannot use O_DIRECT; they go
+		 * through a second, buffered descriptor.  Linux keeps the two
+		 * coherent: direct writes invalidate the cached range and direct
+		 * reads write dirty pages back first. */
+		img->fds[IMAGE_FD_BUFFERED] = open(path, flags);
+		if (img->fds[IMAGE_FD_BUFFERED] < 0)
+			return -errno;
+		if (img->align < page_size())
+			img->align = (uint32_t)page_size();
+	}
+	img->in_memory = fstatfs(fd, &sfs) == 0 &&
+		(sfs.f_type == TMPFS_MAGIC || sfs.f_type == RAMFS_MAGIC);
+	img->atime = st.st_atim;
+	img->mtime = st.st_mtim;
+	img->ctime = st.st_ctim;
+	return 0;
+}
+
+/* Open 'path' ("null:SIZE", a regular file, a block device) with the
+ * writable and direct settings already in *img.  Returns 0 or -errno
+ * (-EINVAL: a malformed null: size or an unsupported file type). */
+static int image_open(struct image *img, const char *path)
+{
+	img->path = path;
+	img->fds[IMAGE_FD_MAIN] = img->fds[IMAGE_FD_BUFFERED] = -1;
+	img->nowait_read_ok = img->nowait_write_ok = true;
+	pthread_mutex_init(&img->times_lock, NULL);
+	clock_gettime(CLOCK_REALTIME, &img->mtime);
+	img->atime = img->ctime = img->mtime;
+	if (strncmp(path, "null:", 5) == 0)
+		return image_open_null(img, path);
+	return image_open_path(img, path);
+}
+
+/* ---- What the protocol layer calls ---- */
+
+/* Pick the descriptor for an I/O: O_DIRECT needs offset, length and buffer
+ * aligned. */
+static void image_io_route(const struct image *img, struct image_io *io)
+{
+	uint64_t mask = img->align - 1;
+
+	io->fd_role = ((io->off | io->len | (uintptr_t)io->buf) & mask) == 0 ?
+		      IMAGE_FD_MAIN : IMAGE_FD_BUFFERED;
+}
+
+/* With --passthrough, writes past EOF grow the file behind our back. */
+static void image_refresh_size(struct image *img)
+{
+	struct stat st;
+
+	if (img->passthrough && fstat(img->fds[IMAGE_FD_MAIN], &st) == 0)
+		img->size = (uint64_t)st.st_size;
+}
+
+static int image_getattr(struct image *img, struct fuse_attr *a)
+{
+	a->ino = FUSE_ROOT_ID;
+	a->size = img->size;
+	a->mode = S_IFREG | img->mode;
+	a->nlink = 1;
+	a->uid = img->uid;
+	a->gid = img->gid;
+	a->blksize = 4096;
+	return img->ops->getattr(img, a);
+}
+
+/*
+ * SETATTR size.  A growable export (a file or null:) takes any size up to
+ * INT64_MAX.  A fixed-size export never changes size, like the block device
+ * it stands for: growing is EFBIG (its file-size limit), and a smaller size
+ * zeroes the bytes from there to the end instead -- what truncating and
+ * extending back leaves -- so that the tools that truncate before writing
+ * (open with O_TRUNC, cp, qemu-img convert, dd seek=) and then skip what
+ * should be zero leave no stale data behind.  Returns 0 or -errno.
+ */
+static int image_truncate(struct image *img, uint64_t size)
+{
+	uint64_t cur;
+	int err;
+
+	image_refresh_size(img);
+	cur = img->size;
+	if (size == cur)
+		return 0;
+	if (size > INT64_MAX || (size > cur && !img->growable))
+		return -EFBIG;
+	if (!img->growable)
+		return img->ops->zero(img, size, cur - size);
+	if ((err = img->ops->resize(img, size)) < 0)
+		return err;
+	img->size = size;
+	return 0;
+}
+
+static struct timespec setattr_time(bool set, bool now, uint64_t sec, uint32_t nsec)
+{
+	struct timespec ts = { .tv_sec = (time_t)sec, .tv_nsec = nsec };
+
+	if (!set)
+		ts.tv_nsec = UTIME_OMIT;
+	else if (now)
+		ts.tv_nsec = UTIME_NOW;
+	return ts;
+}
+
+static int image_set_times(struct image *img, const struct fuse_setattr_in *in)
+{
+	struct timespec ts[2] = {
+		setattr_time(in->valid & FATTR_ATIME, in->valid & FATTR_ATIME_NOW,
+			     in->atime, in->atimensec),
+		setattr_time(in->valid & FATTR_MTIME, in->valid & FATTR_MTIME_NOW,
+			     in->mtime, in->mtimensec),
+	};
+
+	return img->ops->set_times(img, ts);
+}
+
+/*
+ * fallocate(2) on the image: mode 0 and KEEP_SIZE preallocate,
+ * PUNCH_HOLE|KEEP_SIZE and ZERO_RANGE[|KEEP_SIZE] zero; anything else is
+ * EOPNOTSUPP.  Without KEEP_SIZE a fixed-size export cannot reach past EOF
+ * (ENOSPC); a growable one grows.
+ */
+static int image_fallocate(struct image *img, uint32_t mode, uint64_t off, uint64_t len)
+{
+	bool keep = mode & FALLOC_FL_KEEP_SIZE;
+	uint32_t kind = mode & ~(uint32_t)FALLOC_FL_KEEP_SIZE;
+	uint64_t end;
+	int err;
+
+	if (kind != 0 && kind != FALLOC_FL_ZERO_RANGE &&
+	    !(kind == FALLOC_FL_PUNCH_HOLE && keep))
+		return -EOPNOTSUPP;
+	image_refresh_size(img);
+	if (off > INT64_MAX || len == 0 || len > INT64_MAX - off)
+		return len == 0 ? -EINVAL : -EFBIG;
+	end = off + len;
+	if (!keep && end > img->size && !img->growable)
+		return -ENOSPC;
+	/* A fixed-size export has nothing past EOF: KEEP_SIZE requests are
+	 * clipped there, or a client could make the host preallocate without
+	 * limit beyond the image (and fill its disk). */
+	if (!img->growable && end > img->size) {
+		if (off >= img->size)
+			return 0;
+		len = img->size - off;
+		end = img->size;
+	}
+	if ((err = img->ops->fallocate(img, (int)mode, off, len)) < 0)
+		return err;
+	if (!keep)
+		image_size_grow(img, end);
+	return 0;
+}
+
+/* SEEK_DATA/SEEK_HOLE within [0, size): ENXIO at or past EOF, or when no
+ * data follows. */
+static int64_t image_seek(struct image *img, uint64_t off, uint32_t whence)
+{
+	uint64_t size;
+	int64_t pos;
+
+	image_refresh_size(img);
+	size = img->size;
+	if (off >= size)
+		return -ENXIO;
+	pos = img->ops->seek(img, off, (int)whence, size);
+	if (pos >= 0 && (uint64_t)pos >= size)
+		return whence == SEEK_DATA ? -ENXIO : (int64_t)size;
+	return pos;
+}
+
+static int image_statfs(struct image *img, struct fuse_kstatfs *st)
+{
+	st->namelen = 255;
+	return img->ops->statfs(img, st);
+}
+
+static int image_sync(struct image *img, bool datasync)
+{
+	return img->ops->sync(img, datasync);
+}
+
+/* ======================================================================
+ * FUSE protocol: transport-independent request handlers
+ *
+ * One table, fuse_opcodes[], gives each opcode its name, the size of the
+ * fixed argument struct that starts its request, and its handler.
+ * fuse_dispatch() checks the argument size (a short request gets EINVAL
+ * and nothing outside the request buffer is ever read) and calls the
+ * handler, which fills 'rep' and says what happens next: reply now, send
+ * no reply, or run rep->io against the image first and then complete the
+ * reply with fuse_io_complete().  How the I/O is run is the transport's
+ * choice.  Reply sizes are exact: the io_uring transport sends out_len
+ * bytes and the kernel rejects a mismatch.
+ * ====================================================================== */
 
 /*
  * One request, as parsed by a transport.  'arg' is the opcode's fixed
@@ -530,98 +1256,32 @@ struct fuse_req {
 /*
  * The reply a handler fills: 'out' is the transport's buffer for everything
  * after the fuse_out_header (READ data lands there directly), 'out_cap' its
- * size.  A nonzero error means no payload is sent.
+ * size.  A nonzero error means no payload is sent.  'io' is the image I/O
+ * of a READ or WRITE (FUSE_IMAGE_IO).
  */
 struct fuse_reply {
 	int error;
-	bool none;		/* FORGET, INTERRUPT: the kernel expects no reply */
 	void *out;
 	size_t out_cap;
 	size_t out_len;
-	size_t out_zeroed;	/* leading bytes of 'out' known to be zero */
+	size_t out_zeroed;	/* in: leading bytes of 'out' known to be zero */
+	bool out_zeros;		/* out: the payload is zeros only (null: READ) */
+	struct image_io io;
 };
 
-/* A READ or WRITE against the image, prepared by the protocol layer and run
- * synchronously or through a ring by the transport. */
-struct image_io {
-	bool write;
-	int fd;
-	int rw_flags;		/* RWF_DSYNC/RWF_SYNC: durable before the reply */
-	uint64_t off;
-	uint32_t len;
-	uint32_t done;		/* bytes already transferred (see image_io_nowait) */
-	void *buf;
+enum fuse_verdict {
+	FUSE_REPLY,		/* send rep now */
+	FUSE_NO_REPLY,		/* FORGET, INTERRUPT: the kernel expects none */
+	FUSE_IMAGE_IO,		/* run rep->io, then fuse_io_complete() */
 };
 
-static struct image img;
+typedef enum fuse_verdict fuse_handler(struct image *img, const struct fuse_req *req,
+				       struct fuse_reply *rep);
 
-/* Negotiated at INIT; fixed afterwards. */
-static uint32_t fuse_max_write;
-static uint32_t fuse_proto_minor;
-
-/* Image backend entry points used by the handlers (defined further down). */
-static int image_getattr(struct fuse_attr *attr);
-static int image_truncate(uint64_t size);
-static int image_set_times(const struct fuse_setattr_in *in);
-static int image_fallocate(uint32_t mode, uint64_t off, uint64_t len);
-static int64_t image_seek(uint64_t off, uint32_t whence);
-static int image_statfs(struct fuse_kstatfs *st);
-static int image_sync(bool datasync);
-static int image_fd_for(uint64_t off, uint32_t len, const void *buf);
-static void image_size_grow(uint64_t end);
-static ssize_t image_io_sync(const struct image_io *io);
-static ssize_t image_io_nowait(struct image_io *io);
-
-/* ======================================================================
- * FUSE protocol: transport-independent request handlers
- *
- * Each handler checks its argument sizes (a short request gets EINVAL and
- * nothing outside the request buffer is ever read), does the work and fills
- * 'rep'.  Reply sizes are exact: the io_uring transport sends out_len bytes
- * and the kernel rejects a mismatch.
- * ====================================================================== */
-
-static const char *fuse_opcode_name(uint32_t op)
+static enum fuse_verdict fuse_fail(struct fuse_reply *rep, int err)
 {
-	static const char *const names[] = {
-		[FUSE_LOOKUP] = "LOOKUP", [FUSE_FORGET] = "FORGET",
-		[FUSE_GETATTR] = "GETATTR", [FUSE_SETATTR] = "SETATTR",
-		[FUSE_OPEN] = "OPEN", [FUSE_READ] = "READ", [FUSE_WRITE] = "WRITE",
-		[FUSE_STATFS] = "STATFS", [FUSE_RELEASE] = "RELEASE",
-		[FUSE_FSYNC] = "FSYNC", [FUSE_SETXATTR] = "SETXATTR",
-		[FUSE_GETXATTR] = "GETXATTR", [FUSE_LISTXATTR] = "LISTXATTR",
-		[FUSE_REMOVEXATTR] = "REMOVEXATTR", [FUSE_FLUSH] = "FLUSH",
-		[FUSE_INIT] = "INIT", [FUSE_ACCESS] = "ACCESS",
-		[FUSE_INTERRUPT] = "INTERRUPT", [FUSE_DESTROY] = "DESTROY",
-		[FUSE_IOCTL] = "IOCTL", [FUSE_POLL] = "POLL",
-		[FUSE_BATCH_FORGET] = "BATCH_FORGET", [FUSE_FALLOCATE] = "FALLOCATE",
-		[FUSE_LSEEK] = "LSEEK", [FUSE_COPY_FILE_RANGE] = "COPY_FILE_RANGE",
-		[FUSE_STATX] = "STATX", [FUSE_COPY_FILE_RANGE_64] = "COPY_FILE_RANGE_64",
-	};
-
-	if (op < sizeof(names) / sizeof(names[0]) && names[op])
-		return names[op];
-	return "?";
-}
-
-/* Size of the fixed argument struct that starts each opcode's request. */
-static size_t fuse_arg_size(uint32_t op)
-{
-	switch (op) {
-	case FUSE_INIT:		return sizeof(struct fuse_init_in);
-	case FUSE_GETATTR:	return sizeof(struct fuse_getattr_in);
-	case FUSE_SETATTR:	return sizeof(struct fuse_setattr_in);
-	case FUSE_OPEN:		return sizeof(struct fuse_open_in);
-	case FUSE_READ:		return sizeof(struct fuse_read_in);
-	case FUSE_WRITE:	return sizeof(struct fuse_write_in);
-	case FUSE_RELEASE:	return sizeof(struct fuse_release_in);
-	case FUSE_FSYNC:	return sizeof(struct fuse_fsync_in);
-	case FUSE_FLUSH:	return sizeof(struct fuse_flush_in);
-	case FUSE_ACCESS:	return sizeof(struct fuse_access_in);
-	case FUSE_FALLOCATE:	return sizeof(struct fuse_fallocate_in);
-	case FUSE_LSEEK:	return sizeof(struct fuse_lseek_in);
-	default:		return 0;
-	}
+	rep->error = err;
+	return FUSE_REPLY;
 }
 
 static void *fuse_reply_buf(struct fuse_reply *rep, size_t len)
@@ -635,25 +1295,42 @@ static void *fuse_reply_buf(struct fuse_reply *rep, size_t len)
 	return rep->out;
 }
 
-#define FUSE_ARG(req, type) \
-	((req)->arg_len >= sizeof(type) ? (const type *)(req)->arg : NULL)
-
-static void fuse_reply_attr(struct fuse_reply *rep)
+static enum fuse_verdict fuse_reply_attr(struct image *img, struct fuse_reply *rep)
 {
 	struct fuse_attr_out *out = fuse_reply_buf(rep, sizeof(*out));
 
-	if (!out)
-		return;
 	/* attr_valid 0: the size and st_blocks change behind the kernel's back
 	 * (fallocate, growth); a GETATTR is cheap next to a stale stat. */
-	rep->error = image_getattr(&out->attr);
+	if (out)
+		rep->error = image_getattr(img, &out->attr);
+	return FUSE_REPLY;
+}
+
+/* LOOKUP: the root is a regular file, it has no names: ENOENT. */
+static enum fuse_verdict fuse_lookup(struct image *img, const struct fuse_req *req,
+				     struct fuse_reply *rep)
+{
+	(void)img;
+	(void)req;
+	return fuse_fail(rep, -ENOENT);
+}
+
+/* FORGET, BATCH_FORGET, INTERRUPT: no reply; I/O is never cancelled. */
+static enum fuse_verdict fuse_no_reply(struct image *img, const struct fuse_req *req,
+				       struct fuse_reply *rep)
+{
+	(void)img;
+	(void)req;
+	(void)rep;
+	return FUSE_NO_REPLY;
 }
 
 /* GETATTR: the one inode; size authoritative, st_blocks from the image. */
-static void fuse_getattr(const struct fuse_req *req, struct fuse_reply *rep)
+static enum fuse_verdict fuse_getattr(struct image *img, const struct fuse_req *req,
+				      struct fuse_reply *rep)
 {
 	(void)req;
-	fuse_reply_attr(rep);
+	return fuse_reply_attr(img, rep);
 }
 
 /*
@@ -663,94 +1340,69 @@ static void fuse_getattr(const struct fuse_req *req, struct fuse_reply *rep)
  * on a read-only export: EROFS).  FH, LOCKOWNER and CTIME carry no request
  * of their own.
  */
-static void fuse_setattr(const struct fuse_req *req, struct fuse_reply *rep)
+static enum fuse_verdict fuse_setattr(struct image *img, const struct fuse_req *req,
+				      struct fuse_reply *rep)
 {
-	const struct fuse_setattr_in *in = FUSE_ARG(req, struct fuse_setattr_in);
-	uint32_t v;
+	const struct fuse_setattr_in *in = req->arg;
+	uint32_t v = in->valid;
 	int err = 0;
 
-	if (!in) {
-		rep->error = -EINVAL;
-		return;
-	}
-	v = in->valid;
-	if ((v & FATTR_SIZE) && !img.writable)
+	if ((v & FATTR_SIZE) && !img->writable)
 		err = -EROFS;
-	else if ((v & FATTR_MODE) && !img.writable && (in->mode & 0222))
+	else if ((v & FATTR_MODE) && !img->writable && (in->mode & 0222))
 		err = -EROFS;
-	else if ((v & (FATTR_ATIME | FATTR_MTIME)) && !img.writable)
+	else if ((v & (FATTR_ATIME | FATTR_MTIME)) && !img->writable)
 		err = -EROFS;		/* they would be written to the image */
-	else if ((v & FATTR_UID) && in->uid != img.uid && !img.allow_chown)
+	else if ((v & FATTR_UID) && in->uid != img->uid && !img->allow_chown)
 		err = -EPERM;
-	else if ((v & FATTR_GID) && in->gid != img.gid && !img.allow_chown)
+	else if ((v & FATTR_GID) && in->gid != img->gid && !img->allow_chown)
 		err = -EPERM;
 	if (!err && (v & FATTR_SIZE))
-		err = image_truncate(in->size);
+		err = image_truncate(img, in->size);
 	if (!err && (v & (FATTR_ATIME | FATTR_MTIME)))
-		err = image_set_times(in);
-	if (err) {
-		rep->error = err;
-		return;
-	}
+		err = image_set_times(img, in);
+	if (err)
+		return fuse_fail(rep, err);
 	if (v & FATTR_MODE)
-		img.mode = in->mode & 07777;
+		img->mode = in->mode & 07777;
 	if (v & FATTR_KILL_SUIDGID)
-		img.mode &= ~(uint32_t)(S_ISUID | S_ISGID);
+		img->mode &= ~(uint32_t)(S_ISUID | S_ISGID);
 	if (v & FATTR_UID)
-		img.uid = in->uid;
+		img->uid = in->uid;
 	if (v & FATTR_GID)
-		img.gid = in->gid;
-	fuse_reply_attr(rep);
+		img->gid = in->gid;
+	return fuse_reply_attr(img, rep);
 }
 
 /* OPEN: direct I/O to the daemon so the image is not cached twice (the host
  * caches it already), or with --passthrough the kernel's own I/O on the
  * image; opening for write on a read-only export is EROFS, as on a
  * read-only file system. */
-static void fuse_open(const struct fuse_req *req, struct fuse_reply *rep)
+static enum fuse_verdict fuse_open(struct image *img, const struct fuse_req *req,
+				   struct fuse_reply *rep)
 {
-	const struct fuse_open_in *in = FUSE_ARG(req, struct fuse_open_in);
+	const struct fuse_open_in *in = req->arg;
 	struct fuse_open_out *out;
 
-	if (!in) {
-		rep->error = -EINVAL;
-		return;
-	}
-	if ((in->flags & O_ACCMODE) != O_RDONLY && !img.writable) {
-		rep->error = -EROFS;
-		return;
-	}
+	if ((in->flags & O_ACCMODE) != O_RDONLY && !img->writable)
+		return fuse_fail(rep, -EROFS);
 	out = fuse_reply_buf(rep, sizeof(*out));
-	if (out && img.passthrough) {
+	if (out && img->passthrough) {
 		out->open_flags = FOPEN_PASSTHROUGH;
-		out->backing_id = img.backing_id;
+		out->backing_id = img->backing_id;
 	} else if (out) {
 		out->open_flags = FOPEN_DIRECT_IO | FOPEN_PARALLEL_DIRECT_WRITES;
 	}
+	return FUSE_REPLY;
 }
 
-/*
- * READ and WRITE are split in two so a transport can run the image I/O
- * asynchronously: fuse_io_prepare() validates and clamps the request and
- * either answers it (error, EOF, null backend) and returns false, or fills
- * 'io' and returns true; fuse_io_done() turns the I/O result into the reply.
- *
- * READ: short only at EOF.  WRITE: EROFS on a read-only export; a write
- * reaching past EOF grows the image with --growable, is cut short at EOF
- * without it, and fails with ENOSPC when it starts at or after EOF (what a
- * full block device does).
- */
-static bool fuse_read_prepare(const struct fuse_req *req, struct fuse_reply *rep,
-			      struct image_io *io)
+/* READ: short only at EOF; the data lands in rep->out. */
+static enum fuse_verdict fuse_read(struct image *img, const struct fuse_req *req,
+				   struct fuse_reply *rep)
 {
-	const struct fuse_read_in *in = FUSE_ARG(req, struct fuse_read_in);
-	uint64_t size = img.size, len;
+	const struct fuse_read_in *in = req->arg;
+	uint64_t size = img->size, len = in->size;
 
-	if (!in) {
-		rep->error = -EINVAL;
-		return false;
-	}
-	len = in->size;
 	if (len > rep->out_cap)
 		len = rep->out_cap;
 	if (in->offset >= size)
@@ -759,18 +1411,11 @@ static bool fuse_read_prepare(const struct fuse_req *req, struct fuse_reply *rep
 		len = size - in->offset;
 	rep->out_len = len;
 	if (len == 0)
-		return false;
-	if (img.backend == BACKEND_NULL) {
-		/* Zeroing 1 MiB per read would dominate what null: measures:
-		 * the transport tells us what is still zero from last time. */
-		if (len > rep->out_zeroed)
-			memset((char *)rep->out + rep->out_zeroed, 0, len - rep->out_zeroed);
-		return false;
-	}
-	*io = (struct image_io){ .write = false, .off = in->offset,
-				 .len = (uint32_t)len, .buf = rep->out };
-	io->fd = image_fd_for(io->off, io->len, io->buf);
-	return true;
+		return FUSE_REPLY;
+	rep->io = (struct image_io){ .write = false, .off = in->offset, .len = (uint32_t)len,
+				     .buf = rep->out, .buf_zeroed = rep->out_zeroed };
+	image_io_route(img, &rep->io);
+	return FUSE_IMAGE_IO;
 }
 
 static void fuse_reply_written(struct fuse_reply *rep, uint32_t n)
@@ -796,55 +1441,45 @@ static int fuse_write_sync_flags(uint32_t open_flags)
 	return open_flags & O_DSYNC ? RWF_DSYNC : 0;
 }
 
-static bool fuse_write_prepare(const struct fuse_req *req, struct fuse_reply *rep,
-			       struct image_io *io)
+/*
+ * WRITE: EROFS on a read-only export; a write reaching past EOF grows the
+ * image with --growable, is cut short at EOF without it, and fails with
+ * ENOSPC when it starts at or after EOF (what a full block device does).
+ */
+static enum fuse_verdict fuse_write(struct image *img, const struct fuse_req *req,
+				    struct fuse_reply *rep)
 {
-	const struct fuse_write_in *in = FUSE_ARG(req, struct fuse_write_in);
-	uint64_t size = img.size, len;
+	const struct fuse_write_in *in = req->arg;
+	uint64_t size = img->size, len = in->size;
 
-	if (!in || req->data_len != in->size || in->offset > INT64_MAX) {
-		rep->error = -EINVAL;
-		return false;
-	}
-	if (!img.writable) {
-		rep->error = -EROFS;
-		return false;
-	}
-	len = in->size;
-	if (len > INT64_MAX - in->offset) {
-		rep->error = -EFBIG;
-		return false;
-	}
-	if (!img.growable && len && in->offset + len > size) {
-		if (in->offset >= size) {
-			rep->error = -ENOSPC;
-			return false;
-		}
+	if (req->data_len != in->size || in->offset > INT64_MAX)
+		return fuse_fail(rep, -EINVAL);
+	if (!img->writable)
+		return fuse_fail(rep, -EROFS);
+	if (len > INT64_MAX - in->offset)
+		return fuse_fail(rep, -EFBIG);
+	if (!img->growable && len && in->offset + len > size) {
+		if (in->offset >= size)
+			return fuse_fail(rep, -ENOSPC);
 		len = size - in->offset;
 	}
-	if (len == 0 || img.backend == BACKEND_NULL) {
-		if (img.backend == BACKEND_NULL)
-			image_size_grow(in->offset + len);
-		fuse_reply_written(rep, (uint32_t)len);
-		return false;
+	if (len == 0) {
+		fuse_reply_written(rep, 0);
+		return FUSE_REPLY;
 	}
-	*io = (struct image_io){ .write = true, .off = in->offset,
-				 .len = (uint32_t)len, .buf = (void *)req->data,
-				 .rw_flags = fuse_write_sync_flags(in->flags) };
-	io->fd = image_fd_for(io->off, io->len, io->buf);
-	return true;
+	rep->io = (struct image_io){ .write = true, .off = in->offset, .len = (uint32_t)len,
+				     .buf = (void *)req->data,
+				     .rw_flags = fuse_write_sync_flags(in->flags) };
+	image_io_route(img, &rep->io);
+	return FUSE_IMAGE_IO;
 }
 
-static bool fuse_io_prepare(const struct fuse_req *req, struct fuse_reply *rep,
-			    struct image_io *io)
+/* The end of a READ or WRITE: 'res' is what the image I/O returned (bytes,
+ * or -errno). */
+static void fuse_io_complete(struct image *img, struct fuse_reply *rep, ssize_t res)
 {
-	if (req->in->opcode == FUSE_READ)
-		return fuse_read_prepare(req, rep, io);
-	return fuse_write_prepare(req, rep, io);
-}
+	const struct image_io *io = &rep->io;
 
-static void fuse_io_done(const struct image_io *io, ssize_t res, struct fuse_reply *rep)
-{
 	if (res < 0) {
 		rep->error = (int)res;
 		rep->out_len = 0;
@@ -852,129 +1487,191 @@ static void fuse_io_done(const struct image_io *io, ssize_t res, struct fuse_rep
 	}
 	if (!io->write) {
 		rep->out_len = (size_t)res;
+		rep->out_zeros = io->zeros;
 		return;
 	}
-	if (img.growable)
-		image_size_grow(io->off + (uint64_t)res);
+	if (img->growable)
+		image_size_grow(img, io->off + (uint64_t)res);
 	fuse_reply_written(rep, (uint32_t)res);
 }
 
-static void fuse_read_write(const struct fuse_req *req, struct fuse_reply *rep)
-{
-	struct image_io io;
-
-	if (fuse_io_prepare(req, rep, &io))
-		fuse_io_done(&io, image_io_sync(&io), rep);
-}
-
-static void fuse_statfs(const struct fuse_req *req, struct fuse_reply *rep)
+static enum fuse_verdict fuse_statfs(struct image *img, const struct fuse_req *req,
+				     struct fuse_reply *rep)
 {
 	struct fuse_statfs_out *out = fuse_reply_buf(rep, sizeof(*out));
 
 	(void)req;
 	if (out)
-		rep->error = image_statfs(&out->st);
+		rep->error = image_statfs(img, &out->st);
+	return FUSE_REPLY;
+}
+
+/* RELEASE: nothing is kept per open file.  FLUSH: close(2) of a regular
+ * file does not sync either.  DESTROY: the stop follows the unmount. */
+static enum fuse_verdict fuse_nothing(struct image *img, const struct fuse_req *req,
+				      struct fuse_reply *rep)
+{
+	(void)img;
+	(void)req;
+	(void)rep;
+	return FUSE_REPLY;
 }
 
 /* FSYNC: after fsync(2) on the export returns, the data is on stable storage. */
-static void fuse_fsync(const struct fuse_req *req, struct fuse_reply *rep)
+static enum fuse_verdict fuse_fsync(struct image *img, const struct fuse_req *req,
+				    struct fuse_reply *rep)
 {
-	const struct fuse_fsync_in *in = FUSE_ARG(req, struct fuse_fsync_in);
+	const struct fuse_fsync_in *in = req->arg;
 
-	rep->error = in ? image_sync(in->fsync_flags & FUSE_FSYNC_FDATASYNC) : -EINVAL;
+	return fuse_fail(rep, image_sync(img, in->fsync_flags & FUSE_FSYNC_FDATASYNC));
+}
+
+/* INIT is answered once, at mount (start-up reads it off /dev/fuse). */
+static enum fuse_verdict fuse_init_again(struct image *img, const struct fuse_req *req,
+					 struct fuse_reply *rep)
+{
+	(void)img;
+	(void)req;
+	return fuse_fail(rep, -EPROTO);
 }
 
 /* ACCESS is only sent without default_permissions; answer it anyway. */
-static void fuse_access(const struct fuse_req *req, struct fuse_reply *rep)
+static enum fuse_verdict fuse_access(struct image *img, const struct fuse_req *req,
+				     struct fuse_reply *rep)
 {
-	const struct fuse_access_in *in = FUSE_ARG(req, struct fuse_access_in);
+	const struct fuse_access_in *in = req->arg;
 
-	if (!in)
-		rep->error = -EINVAL;
-	else if ((in->mask & W_OK) && !img.writable)
-		rep->error = -EROFS;
+	return fuse_fail(rep, (in->mask & W_OK) && !img->writable ? -EROFS : 0);
 }
 
-/* FALLOCATE: mode 0 and KEEP_SIZE preallocate, PUNCH_HOLE|KEEP_SIZE and
- * ZERO_RANGE[|KEEP_SIZE] zero; anything else EOPNOTSUPP. */
-static void fuse_fallocate(const struct fuse_req *req, struct fuse_reply *rep)
+/* FALLOCATE: see image_fallocate. */
+static enum fuse_verdict fuse_fallocate(struct image *img, const struct fuse_req *req,
+					struct fuse_reply *rep)
 {
-	const struct fuse_fallocate_in *in = FUSE_ARG(req, struct fuse_fallocate_in);
+	const struct fuse_fallocate_in *in = req->arg;
 
-	if (!in)
-		rep->error = -EINVAL;
-	else if (!img.writable)
-		rep->error = -EROFS;
-	else
-		rep->error = image_fallocate(in->mode, in->offset, in->length);
+	if (!img->writable)
+		return fuse_fail(rep, -EROFS);
+	return fuse_fail(rep, image_fallocate(img, in->mode, in->offset, in->length));
 }
 
 /* LSEEK: only SEEK_DATA/SEEK_HOLE reach us; ENXIO at or past EOF, or when no
  * data follows (a wrong answer makes cp loop forever). */
-static void fuse_lseek(const struct fuse_req *req, struct fuse_reply *rep)
+static enum fuse_verdict fuse_lseek(struct image *img, const struct fuse_req *req,
+				    struct fuse_reply *rep)
 {
-	const struct fuse_lseek_in *in = FUSE_ARG(req, struct fuse_lseek_in);
+	const struct fuse_lseek_in *in = req->arg;
 	struct fuse_lseek_out *out;
 	int64_t pos;
 
-	if (!in || (in->whence != SEEK_DATA && in->whence != SEEK_HOLE)) {
-		rep->error = -EINVAL;
-		return;
-	}
-	pos = image_seek(in->offset, in->whence);
-	if (pos < 0) {
-		rep->error = (int)pos;
-		return;
-	}
+	if (in->whence != SEEK_DATA && in->whence != SEEK_HOLE)
+		return fuse_fail(rep, -EINVAL);
+	pos = image_seek(img, in->offset, in->whence);
+	if (pos < 0)
+		return fuse_fail(rep, (int)pos);
 	out = fuse_reply_buf(rep, sizeof(*out));
 	if (out)
 		out->offset = (uint64_t)pos;
-}
-
-/* Dispatch one request (INIT excepted: fuse_init() needs the transport). */
-static void fuse_handle(const struct fuse_req *req, struct fuse_reply *rep)
-{
-	rep->error = 0;
-	rep->none = false;
-	rep->out_len = 0;
-
-	/* Every opcode with a fixed argument needs all of it. */
-	if (req->arg_len < fuse_arg_size(req->in->opcode)) {
-		rep->error = -EINVAL;
-		return;
-	}
-	switch (req->in->opcode) {
-	case FUSE_GETATTR:	fuse_getattr(req, rep); break;
-	case FUSE_SETATTR:	fuse_setattr(req, rep); break;
-	case FUSE_OPEN:		fuse_open(req, rep); break;
-	case FUSE_READ:
-	case FUSE_WRITE:	fuse_read_write(req, rep); break;
-	case FUSE_STATFS:	fuse_statfs(req, rep); break;
-	case FUSE_FSYNC:	fuse_fsync(req, rep); break;
-	case FUSE_ACCESS:	fuse_access(req, rep); break;
-	case FUSE_FALLOCATE:	fuse_fallocate(req, rep); break;
-	case FUSE_LSEEK:	fuse_lseek(req, rep); break;
-	case FUSE_RELEASE:	/* nothing is kept per open file */
-	case FUSE_FLUSH:	/* close(2) of a regular file does not sync either */
-	case FUSE_DESTROY:	break;
-	case FUSE_LOOKUP:	rep->error = -ENOENT; break;	/* the root has no names */
-	case FUSE_FORGET:
-	case FUSE_BATCH_FORGET:
-	case FUSE_INTERRUPT:	rep->none = true; break;	/* I/O is never cancelled */
-	default:		rep->error = -ENOSYS; break;
-	}
+	return FUSE_REPLY;
 }
 
 /*
- * Compute the INIT reply.  max_write is the largest the kernel will take
- * (fs.fuse.max_pages_limit), up to 'max_payload'.
+ * Every opcode of fuse_kernel.h: its name, the fixed argument struct its
+ * request starts with, its handler.  No handler: ENOSYS, which the kernel
+ * remembers for the opcodes it may fall back from (xattrs, COPY_FILE_RANGE,
+ * STATX, POLL).
+ */
+struct fuse_op_desc {
+	const char *name;
+	size_t arg_size;
+	fuse_handler *handler;
+};
+
+#define OP(name, arg, fn)	[FUSE_##name] = { #name, arg, fn }
+static const struct fuse_op_desc fuse_opcodes[] = {
+	OP(LOOKUP, 0, fuse_lookup),
+	OP(FORGET, 0, fuse_no_reply),
+	OP(GETATTR, sizeof(struct fuse_getattr_in), fuse_getattr),
+	OP(SETATTR, sizeof(struct fuse_setattr_in), fuse_setattr),
+	OP(OPEN, sizeof(struct fuse_open_in), fuse_open),
+	OP(READ, sizeof(struct fuse_read_in), fuse_read),
+	OP(WRITE, sizeof(struct fuse_write_in), fuse_write),
+	OP(STATFS, 0, fuse_statfs),
+	OP(RELEASE, sizeof(struct fuse_release_in), fuse_nothing),
+	OP(FSYNC, sizeof(struct fuse_fsync_in), fuse_fsync),
+	OP(SETXATTR, 0, NULL),
+	OP(GETXATTR, 0, NULL),
+	OP(LISTXATTR, 0, NULL),
+	OP(REMOVEXATTR, 0, NULL),
+	OP(FLUSH, sizeof(struct fuse_flush_in), fuse_nothing),
+	OP(INIT, sizeof(struct fuse_init_in), fuse_init_again),
+	OP(ACCESS, sizeof(struct fuse_access_in), fuse_access),
+	OP(INTERRUPT, 0, fuse_no_reply),
+	OP(DESTROY, 0, fuse_nothing),
+	OP(IOCTL, 0, NULL),
+	OP(POLL, 0, NULL),
+	OP(BATCH_FORGET, 0, fuse_no_reply),
+	OP(FALLOCATE, sizeof(struct fuse_fallocate_in), fuse_fallocate),
+	OP(LSEEK, sizeof(struct fuse_lseek_in), fuse_lseek),
+	OP(COPY_FILE_RANGE, 0, NULL),
+	OP(STATX, 0, NULL),
+	OP(COPY_FILE_RANGE_64, 0, NULL),
+};
+#undef OP
+#define FUSE_NR_OPCODES	(sizeof(fuse_opcodes) / sizeof(fuse_opcodes[0]))
+
+/* The table's entry for 'op', or NULL for an opcode it does not list. */
+static const struct fuse_op_desc *fuse_opcode(uint32_t op)
+{
+	return op < FUSE_NR_OPCODES && fuse_opcodes[op].name ? &fuse_opcodes[op] : NULL;
+}
+
+static const char *fuse_opcode_name(uint32_t op)
+{
+	const struct fuse_op_desc *o = fuse_opcode(op);
+
+	return o ? o->name : "?";
+}
+
+/* Size of the fixed argument struct that starts an opcode's request. */
+static size_t fuse_arg_size(uint32_t op)
+{
+	const struct fuse_op_desc *o = fuse_opcode(op);
+
+	return o ? o->arg_size : 0;
+}
+
+/* Answer one request, or say which image I/O it needs first. */
+static enum fuse_verdict fuse_dispatch(struct image *img, const struct fuse_req *req,
+				       struct fuse_reply *rep)
+{
+	const struct fuse_op_desc *o = fuse_opcode(req->in->opcode);
+
+	rep->error = 0;
+	rep->out_len = 0;
+	rep->out_zeros = false;
+	if (!o || !o->handler)
+		return fuse_fail(rep, -ENOSYS);
+	/* Every opcode with a fixed argument needs all of it. */
+	if (req->arg_len < o->arg_size)
+		return fuse_fail(rep, -EINVAL);
+	return o->handler(img, req, rep);
+}
+
+/*
+ * Compute the INIT reply (include/uapi/linux/fuse.h, "INIT request and
+ * reply").  max_write is the largest the kernel will take ('max_pages_limit'
+ * pages, fs.fuse.max_pages_limit; 0 if unknown), up to 'max_payload' bytes.
+ * 'nr_threads' serving threads size the background queue.  Returns 0, or
+ * -EPROTO (a major version we do not speak), -EOPNOTSUPP (--passthrough
+ * and the kernel does not offer it).
  */
 static int fuse_init(const struct fuse_init_in *in, struct fuse_init_out *out,
-		     uint32_t max_payload, unsigned nr_threads)
+		     bool passthrough, uint32_t max_payload, unsigned max_pages_limit,
+		     unsigned nr_threads)
 {
 	uint64_t offered = in->flags, wanted;
-	unsigned max_pages = 32, limit = 256, bg;
-	char buf[32];
+	unsigned max_pages = 32, bg;
 
 	memset(out, 0, sizeof(*out));
 	out->major = FUSE_KERNEL_VERSION;
@@ -983,25 +1680,21 @@ static int fuse_init(const struct fuse_init_in *in, struct fuse_init_out *out,
 		return -EPROTO;
 	if (offered & FUSE_INIT_EXT)
 		offered |= (uint64_t)in->flags2 << 32;
-	fuse_proto_minor = in->minor;
 
 	wanted = FUSE_ASYNC_READ | FUSE_BIG_WRITES | FUSE_ASYNC_DIO | FUSE_MAX_PAGES |
 		 FUSE_INIT_EXT | FUSE_DIRECT_IO_ALLOW_MMAP;
-	if (img.passthrough) {
+	if (passthrough) {
 		if (!(offered & FUSE_PASSTHROUGH))
 			return -EOPNOTSUPP;
 		wanted |= FUSE_PASSTHROUGH;
 		out->max_stack_depth = 1;	/* the image's file system + us */
 	}
 	wanted &= offered;
-	if (read_small_file("/proc/sys/fs/fuse/max_pages_limit", buf, sizeof(buf)) > 0)
-		limit = (unsigned)atoi(buf);
 	if (wanted & FUSE_MAX_PAGES) {
 		max_pages = (unsigned)(max_payload / page_size());
-		if (max_pages > limit && limit > 0)
-			max_pages = limit;
+		if (max_pages > max_pages_limit && max_pages_limit > 0)
+			max_pages = max_pages_limit;
 	}
-	fuse_max_write = (uint32_t)(max_pages * page_size());
 
 	/* Async direct I/O requests are background requests: the kernel caps
 	 * them at max_background (12 if left 0), which would throttle a deep
@@ -1014,7 +1707,7 @@ static int fuse_init(const struct fuse_init_in *in, struct fuse_init_out *out,
 	out->flags2 = (uint32_t)(wanted >> 32);
 	out->max_background = (uint16_t)bg;
 	out->congestion_threshold = (uint16_t)(bg * 3 / 4);
-	out->max_write = fuse_max_write;
+	out->max_write = (uint32_t)(max_pages * page_size());
 	out->time_gran = 1;
 	out->max_pages = (uint16_t)max_pages;
 	return 0;
@@ -1028,13 +1721,12 @@ static void fuse_log_request(const char *who, unsigned idx, const struct fuse_re
 
 	if (!log_debug)
 		return;
-	if (in->opcode == FUSE_READ || in->opcode == FUSE_WRITE) {
-		const struct fuse_read_in *rw = FUSE_ARG(req, struct fuse_read_in);
+	if ((in->opcode == FUSE_READ || in->opcode == FUSE_WRITE) &&
+	    req->arg_len >= sizeof(struct fuse_read_in)) {
+		const struct fuse_read_in *rw = req->arg;
 
-		if (rw) {
-			off = rw->offset;
-			len = rw->size;
-		}
+		off = rw->offset;
+		len = rw->size;
 	}
 	fprintf(stderr, "uexportd: [%s%u] %s unique=%llu off=%llu len=%llu -> %d/%zu\n",
 		who, idx, fuse_opcode_name(in->opcode), (unsigned long long)in->unique,
@@ -1044,7 +1736,7 @@ static void fuse_log_request(const char *who, unsigned idx, const struct fuse_re
 
 /*
  * Zero tracking for null: reads, shared by the transports.  A payload buffer
- * stays zero after a null READ reply; anything the kernel delivered into it
+ * stays zero after a reply of zeros; anything the kernel delivered into it
  * or any other reply may have dirtied it.
  */
 static void payload_track_zero(size_t *zeroed, struct fuse_reply *rep, size_t delivered)
@@ -1054,10 +1746,9 @@ static void payload_track_zero(size_t *zeroed, struct fuse_reply *rep, size_t de
 	rep->out_zeroed = *zeroed;
 }
 
-static void payload_track_reply(size_t *zeroed, const struct fuse_req *req,
-				const struct fuse_reply *rep)
+static void payload_track_reply(size_t *zeroed, const struct fuse_reply *rep)
 {
-	if (img.backend == BACKEND_NULL && req->in->opcode == FUSE_READ && !rep->error) {
+	if (rep->out_zeros && !rep->error) {
 		if (rep->out_len > *zeroed)
 			*zeroed = rep->out_len;
 	} else if (rep->out_len || rep->error) {
@@ -1066,425 +1757,34 @@ static void payload_track_reply(size_t *zeroed, const struct fuse_req *req,
 }
 
 /* ======================================================================
- * Image backend
+ * Transports: the export every serving thread shares
  *
- * Three backends behind one set of calls: a regular file, a block device
- * (fixed size; fallocate maps to the device's discard/zero-out), and null
- * (reads are zeros, writes vanish, nothing allocated).  img.size is the
- * authoritative size; only truncate and growing writes change it.
+ * struct export is the one object main() creates and passes down: the
+ * image, the FUSE connection as negotiated, and the serving threads of both
+ * transports, which count themselves out and wake the main thread when
+ * they end.
  * ====================================================================== */
 
-static int image_open_null(const char *spec)
+struct devfuse_pool;
+struct ring_pool;
+
+struct export {
+	struct image img;
+	int dev_fd;			/* the mount's /dev/fuse fd, -1 before */
+	uint32_t max_write;		/* negotiated at INIT; fixed afterwards */
+	struct devfuse_pool *devfuse;	/* /dev/fuse threads, NULL before */
+	struct ring_pool *rings;	/* io_uring queues, NULL when not used */
+	atomic_int threads_live;	/* serving threads not yet ended */
+	atomic_bool stopping;		/* unmount under way: ENODEV is expected */
+	pthread_t main_thread;		/* woken with SIGUSR1 by ending threads */
+};
+
+/* A serving thread is about to return: count it out and tell the main
+ * thread (an unmount, or a fatal error). */
+static void export_thread_exited(struct export *exp)
 {
-	uint64_t size;
-
-	if (parse_size(spec + 5, &size) < 0)
-		return -EINVAL;
-	img.backend = BACKEND_NULL;
-	img.fd = img.fd_buffered = -1;
-	img.size = size;
-	return 0;
-}
-
-static int image_open_path(const char *path)
-{
-	struct stat st;
-	int flags = (img.writable ? O_RDWR : O_RDONLY) | O_CLOEXEC;
-	/* O_NONBLOCK until the type is known: opening a FIFO would wait for
-	 * a writer forever. */
-	int fd = open(path, flags | O_NONBLOCK | (img.direct ? O_DIRECT : 0));
-
-	if (fd < 0)
-		return -errno;
-	if (fstat(fd, &st) < 0 || (!S_ISREG(st.st_mode) && !S_ISBLK(st.st_mode)) ||
-	    fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK) < 0) {
-		int err = S_ISDIR(st.st_mode) ? -EISDIR : -EINVAL;
-
-		close(fd);
-		return err;
-	}
-	img.fd = img.fd_buffered = fd;
-	img.align = 1;
-	img.backend = S_ISBLK(st.st_mode) ? BACKEND_BLOCKDEV : BACKEND_FILE;
-	if (img.backend == BACKEND_BLOCKDEV) {
-		uint64_t size;
-		int ssz = 512;
-
-		if (ioctl(fd, BLKGETSIZE64, &size) < 0)
-			return -errno;
-		ioctl(fd, BLKSSZGET, &ssz);
-		img.size = size;
-		img.align = img.block_size = (uint32_t)ssz;
-	} else {
-		img.size = (uint64_t)st.st_size;
-	}
-	if (img.direct) {
-		/* Unaligned requests (dd bs=7) cannot use O_DIRECT; they go
-		 * through a second, buffered descriptor.  Linux keeps the two
-		 * coherent: direct writes invalidate the cached range and direct
-		 * reads write dirty pages back first. */
-		img.fd_buffered = open(path, flags);
-		if (img.fd_buffered < 0)
-			return -errno;
-		if (img.align < page_size())
-			img.align = (uint32_t)page_size();
-	}
-	{
-		struct statfs sfs;
-
-		img.in_memory = fstatfs(fd, &sfs) == 0 &&
-			(sfs.f_type == TMPFS_MAGIC || sfs.f_type == RAMFS_MAGIC);
-	}
-	img.atime = st.st_atim;
-	img.mtime = st.st_mtim;
-	img.ctime = st.st_ctim;
-	return 0;
-}
-
-static int image_open(const char *path)
-{
-	img.path = path;
-	pthread_mutex_init(&img.times_lock, NULL);
-	clock_gettime(CLOCK_REALTIME, &img.mtime);
-	img.atime = img.ctime = img.mtime;
-	if (strncmp(path, "null:", 5) == 0)
-		return image_open_null(path);
-	return image_open_path(path);
-}
-
-static int image_fd_for(uint64_t off, uint32_t len, const void *buf)
-{
-	uint64_t mask = img.align - 1;
-
-	if (((off | len | (uintptr_t)buf) & mask) == 0)
-		return img.fd;
-	return img.fd_buffered;
-}
-
-/* The I/O in the calling thread; returns bytes moved or -errno. */
-static ssize_t image_io_sync(const struct image_io *io)
-{
-	return rw_full(io->write, io->fd, io->buf, io->len, io->off, io->rw_flags);
-}
-
-/*
- * Try the I/O without blocking: when the data is in the host page cache, a
- * copy here is far cheaper than a trip through the ring.  A tmpfs image
- * never blocks, and tmpfs cannot do non-blocking ring I/O (every request
- * would go to an io-wq worker thread), so it is always done here.  Other
- * files use RWF_NOWAIT.  Returns the byte count when complete, or -EAGAIN
- * with io->done set to what was transferred, so the ring does the rest.
- * Never used for O_DIRECT I/O, nor for a synchronous write (its flush would
- * block the queue's thread: it goes to the ring, see ring_queue_image_io).
- */
-static bool nowait_read_ok = true, nowait_write_ok = true;
-
-/* O_DIRECT I/O: the device moves the data, no CPU copy to place. */
-static bool image_io_direct(const struct image_io *io)
-{
-	return img.direct && io->fd == img.fd;
-}
-
-static ssize_t image_io_nowait(struct image_io *io)
-{
-	bool *ok = io->write ? &nowait_write_ok : &nowait_read_ok;
-	struct iovec iov = { io->buf, io->len };
-	ssize_t n;
-
-	io->done = 0;
-	if (img.in_memory)
-		return image_io_sync(io);
-	if (!*ok || image_io_direct(io) || io->rw_flags)
-		return -EAGAIN;
-	n = sys_rw2(io->write, io->fd, &iov, io->off, RWF_NOWAIT);
-	if (n == -EOPNOTSUPP)
-		*ok = false;		/* this file system cannot: stop trying */
-	if (n < 0)
-		return n == -EOPNOTSUPP ? -EAGAIN : n;
-	if ((size_t)n == io->len || (n == 0 && !io->write))
-		return n;
-	io->done = (uint32_t)n;
-	return -EAGAIN;
-}
-
-/* Raise img.size to 'end' if smaller (concurrent growing writes race here). */
-static void image_size_grow(uint64_t end)
-{
-	uint64_t cur = img.size;
-
-	while (cur < end && !atomic_compare_exchange_weak(&img.size, &cur, end))
-		;
-}
-
-static void ts_to_attr(const struct timespec *ts, uint64_t *sec, uint32_t *nsec)
-{
-	*sec = (uint64_t)ts->tv_sec;
-	*nsec = (uint32_t)ts->tv_nsec;
-}
-
-static int image_getattr(struct fuse_attr *a)
-{
-	uint64_t size = img.size;
-	struct stat st;
-
-	a->ino = FUSE_ROOT_ID;
-	a->size = size;
-	a->mode = S_IFREG | img.mode;
-	a->nlink = 1;
-	a->uid = img.uid;
-	a->gid = img.gid;
-	a->blksize = 4096;
-	if (img.backend == BACKEND_FILE) {
-		if (fstat(img.fd, &st) < 0)
-			return -errno;
-		if (img.passthrough)	/* the kernel may have grown it */
-			img.size = a->size = (uint64_t)st.st_size;
-		a->blocks = (uint64_t)st.st_blocks;
-		ts_to_attr(&st.st_atim, &a->atime, &a->atimensec);
-		ts_to_attr(&st.st_mtim, &a->mtime, &a->mtimensec);
-		ts_to_attr(&st.st_ctim, &a->ctime, &a->ctimensec);
-		return 0;
-	}
-	a->blocks = img.backend == BACKEND_NULL ? 0 : (size + 511) / 512;
-	pthread_mutex_lock(&img.times_lock);
-	ts_to_attr(&img.atime, &a->atime, &a->atimensec);
-	ts_to_attr(&img.mtime, &a->mtime, &a->mtimensec);
-	ts_to_attr(&img.ctime, &a->ctime, &a->ctimensec);
-	pthread_mutex_unlock(&img.times_lock);
-	return 0;
-}
-
-/* With --passthrough, writes past EOF grow the file behind our back. */
-static void image_refresh_size(void)
-{
-	struct stat st;
-
-	if (img.passthrough && fstat(img.fd, &st) == 0)
-		img.size = (uint64_t)st.st_size;
-}
-
-/* Write zeros over [off, off + len) with plain buffered writes: for what
- * fallocate cannot do.  Returns 0 or -errno. */
-static int image_write_zeroes(uint64_t off, uint64_t len)
-{
-	static const char zeros[64 << 10];
-
-	while (len > 0) {
-		size_t n = len < sizeof(zeros) ? (size_t)len : sizeof(zeros);
-		ssize_t r = rw_full(true, img.fd_buffered, (void *)zeros, n, off, 0);
-
-		if (r < 0)
-			return (int)r;
-		if ((size_t)r < n)
-			return -EIO;
-		off += n;
-		len -= n;
-	}
-	return 0;
-}
-
-/* Zero whole blocks in place, cheapest first: PUNCH_HOLE deallocates (a
- * hole in a file; on a device a write-zeroes with unmap, refused unless the
- * device does it efficiently, block/fops.c), ZERO_RANGE writes zeroes the
- * device's way, and plain writes cover file systems with neither. */
-static int image_zero_blocks(uint64_t off, uint64_t len)
-{
-	static const int modes[] = { FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE };
-
-	for (unsigned i = 0; i < 2; i++) {
-		if (fallocate(img.fd, modes[i] | FALLOC_FL_KEEP_SIZE, (off_t)off, (off_t)len) == 0)
-			return 0;
-		if (errno != EOPNOTSUPP)
-			return -errno;
-	}
-	return image_write_zeroes(off, len);
-}
-
-/*
- * Make [off, off + len) read back as zeros without changing the size and
- * without touching a byte outside it.  A block device takes fallocate only
- * in whole logical blocks: partial blocks at either end are written.
- * Returns 0 or -errno.
- */
-static int image_zero(uint64_t off, uint64_t len)
-{
-	uint64_t bs = img.backend == BACKEND_BLOCKDEV ? img.block_size : 1;
-	uint64_t end = off + len;
-	uint64_t first = (off + bs - 1) / bs * bs, last = end / bs * bs;
-	int err;
-
-	if (img.backend == BACKEND_NULL || len == 0)
-		return 0;
-	if (first >= last)
-		return image_write_zeroes(off, len);
-	err = image_write_zeroes(off, first - off);
-	if (!err)
-		err = image_write_zeroes(last, end - last);
-	return err ? err : image_zero_blocks(first, last - first);
-}
-
-/*
- * SETATTR size.  A growable export (a file or null:) takes any size up to
- * INT64_MAX.  A fixed-size export never changes size, like the block device
- * it stands for: growing is EFBIG (its file-size limit), and a smaller size
- * zeroes the bytes from there to the end instead -- what truncating and
- * extending back leaves -- so that the tools that truncate before writing
- * (open with O_TRUNC, cp, qemu-img convert, dd seek=) and then skip what
- * should be zero leave no stale data behind.  Returns 0 or -errno.
- */
-static int image_truncate(uint64_t size)
-{
-	uint64_t cur;
-
-	image_refresh_size();
-	cur = img.size;
-	if (size == cur)
-		return 0;
-	if (size > INT64_MAX || (size > cur && !img.growable))
-		return -EFBIG;
-	if (!img.growable)
-		return image_zero(size, cur - size);
-	if (img.backend == BACKEND_FILE && ftruncate(img.fd, (off_t)size) < 0)
-		return -errno;
-	img.size = size;
-	return 0;
-}
-
-static struct timespec setattr_time(bool set, bool now, uint64_t sec, uint32_t nsec)
-{
-	struct timespec ts = { .tv_sec = (time_t)sec, .tv_nsec = nsec };
-
-	if (!set)
-		ts.tv_nsec = UTIME_OMIT;
-	else if (now)
-		ts.tv_nsec = UTIME_NOW;
-	return ts;
-}
-
-static int image_set_times(const struct fuse_setattr_in *in)
-{
-	struct timespec ts[2] = {
-		setattr_time(in->valid & FATTR_ATIME, in->valid & FATTR_ATIME_NOW,
-			     in->atime, in->atimensec),
-		setattr_time(in->valid & FATTR_MTIME, in->valid & FATTR_MTIME_NOW,
-			     in->mtime, in->mtimensec),
-	};
-	struct timespec now;
-
-	if (img.backend == BACKEND_FILE)
-		return futimens(img.fd, ts) < 0 ? -errno : 0;
-	clock_gettime(CLOCK_REALTIME, &now);
-	pthread_mutex_lock(&img.times_lock);
-	if (ts[0].tv_nsec != UTIME_OMIT)
-		img.atime = ts[0].tv_nsec == UTIME_NOW ? now : ts[0];
-	if (ts[1].tv_nsec != UTIME_OMIT)
-		img.mtime = ts[1].tv_nsec == UTIME_NOW ? now : ts[1];
-	img.ctime = now;
-	pthread_mutex_unlock(&img.times_lock);
-	return 0;
-}
-
-static int image_fallocate(uint32_t mode, uint64_t off, uint64_t len)
-{
-	bool keep = mode & FALLOC_FL_KEEP_SIZE;
-	uint32_t kind = mode & ~(uint32_t)FALLOC_FL_KEEP_SIZE;
-	uint64_t end;
-
-	if (kind != 0 && kind != FALLOC_FL_ZERO_RANGE &&
-	    !(kind == FALLOC_FL_PUNCH_HOLE && keep))
-		return -EOPNOTSUPP;
-	image_refresh_size();
-	if (off > INT64_MAX || len == 0 || len > INT64_MAX - off)
-		return len == 0 ? -EINVAL : -EFBIG;
-	end = off + len;
-	if (!keep && end > img.size && !img.growable)
-		return -ENOSPC;
-	/* A fixed-size export has nothing past EOF: KEEP_SIZE requests are
-	 * clipped there, or a client could make the host preallocate without
-	 * limit beyond the image (and fill its disk). */
-	if (!img.growable && end > img.size) {
-		if (off >= img.size)
-			return 0;
-		len = img.size - off;
-		end = img.size;
-	}
-	switch (img.backend) {
-	case BACKEND_NULL:
-		break;
-	case BACKEND_BLOCKDEV:
-		/* Preallocation is a no-op on a device; punching and zeroing
-		 * both leave zeros, at any byte offset. */
-		if (kind != 0) {
-			int err = image_zero(off, len);
-
-			if (err)
-				return err;
-		}
-		break;
-	case BACKEND_FILE:
-		if (fallocate(img.fd, (int)mode, (off_t)off, (off_t)len) < 0)
-			return -errno;
-		break;
-	}
-	if (!keep)
-		image_size_grow(end);
-	return 0;
-}
-
-/* SEEK_DATA/SEEK_HOLE within [0, size): a device is all data, null all hole. */
-static int64_t image_seek(uint64_t off, uint32_t whence)
-{
-	uint64_t size;
-	off_t pos;
-
-	image_refresh_size();
-	size = img.size;
-	if (off >= size)
-		return -ENXIO;
-	if (img.backend == BACKEND_BLOCKDEV)
-		return whence == SEEK_DATA ? (int64_t)off : (int64_t)size;
-	if (img.backend == BACKEND_NULL)
-		return whence == SEEK_DATA ? -ENXIO : (int64_t)off;
-	pos = lseek(img.fd, (off_t)off, (int)whence);
-	if (pos < 0 && errno == ENXIO && whence == SEEK_HOLE)
-		return (int64_t)size;
-	if (pos < 0)
-		return -errno;
-	if ((uint64_t)pos >= size)
-		return whence == SEEK_DATA ? -ENXIO : (int64_t)size;
-	return pos;
-}
-
-static int image_statfs(struct fuse_kstatfs *st)
-{
-	struct statfs sfs;
-
-	st->namelen = 255;
-	if (img.backend == BACKEND_FILE) {
-		if (fstatfs(img.fd, &sfs) < 0)
-			return -errno;
-		st->blocks = (uint64_t)sfs.f_blocks;
-		st->bfree = (uint64_t)sfs.f_bfree;
-		st->bavail = (uint64_t)sfs.f_bavail;
-		st->files = (uint64_t)sfs.f_files;
-		st->ffree = (uint64_t)sfs.f_ffree;
-		st->bsize = (uint32_t)sfs.f_bsize;
-		st->frsize = (uint32_t)(sfs.f_frsize ? sfs.f_frsize : sfs.f_bsize);
-		return 0;
-	}
-	st->bsize = st->frsize = 4096;
-	st->blocks = (img.size + 4095) / 4096;
-	st->files = 1;
-	return 0;
-}
-
-static int image_sync(bool datasync)
-{
-	if (img.backend == BACKEND_NULL)
-		return 0;
-	if ((datasync ? fdatasync(img.fd) : fsync(img.fd)) < 0)
-		return -errno;
-	return 0;
+	atomic_fetch_sub(&exp->threads_live, 1);
+	pthread_kill(exp->main_thread, SIGUSR1);
 }
 
 /* ======================================================================
@@ -1493,10 +1793,12 @@ static int image_sync(bool datasync)
  * One thread per CPU, pinned, each blocked in read() on its own clone of the
  * device fd (replies must go to the fd that delivered the request).  Each
  * thread owns one request buffer and one reply buffer; a request is answered
- * before the next read(), so the buffers are never shared.
+ * before the next read(), so the buffers are never shared.  Image I/O is
+ * done in the thread.
  * ====================================================================== */
 
 struct devfuse_worker {
+	struct export *exp;
 	pthread_t thread;
 	unsigned idx;
 	int cpu;			/* -1: not pinned */
@@ -1508,43 +1810,26 @@ struct devfuse_worker {
 	size_t out_zeroed;		/* reply payload bytes known zero (null:) */
 };
 
-static int fuse_dev_fd = -1;		/* the mount's /dev/fuse fd */
-static atomic_int workers_live;
-static atomic_bool stopping;		/* unmount under way: ENODEV is expected */
-static pthread_t main_thread;
+struct devfuse_pool {
+	unsigned nr_workers;		/* started */
+	struct devfuse_worker workers[];
+};
 
-/* Tell the main thread a serving thread ended (unmount, or a fatal error). */
-static void worker_exited(void)
-{
-	atomic_fetch_sub(&workers_live, 1);
-	pthread_kill(main_thread, SIGUSR1);
-}
-
-static void pin_to_cpu(int cpu)
-{
-	cpu_set_t set;
-
-	if (cpu < 0)
-		return;
-	CPU_ZERO(&set);
-	CPU_SET(cpu, &set);
-	pthread_setaffinity_np(pthread_self(), sizeof(set), &set);
-}
-
-/* Buffers are offset so that WRITE data (after the in-header and write_in)
- * and READ data (after the out-header) start page-aligned: O_DIRECT images
- * then take them without a bounce. */
-static int devfuse_alloc(struct devfuse_worker *w)
+/* Buffers for requests of up to 'max_write' bytes of payload, offset so
+ * that WRITE data (after the in-header and write_in) and READ data (after
+ * the out-header) start page-aligned: O_DIRECT images then take them
+ * without a bounce.  Returns 0 or -ENOMEM. */
+static int devfuse_alloc(struct devfuse_worker *w, uint32_t max_write)
 {
 	size_t ps = page_size();
 	size_t hdr_in = sizeof(struct fuse_in_header) + sizeof(struct fuse_write_in);
 	size_t hdr_out = sizeof(struct fuse_out_header);
 	char *a, *b;
 
-	w->in_cap = hdr_in + fuse_max_write;
+	w->in_cap = hdr_in + max_write;
 	if (w->in_cap < FUSE_MIN_READ_BUFFER)
 		w->in_cap = FUSE_MIN_READ_BUFFER;
-	w->out_cap = hdr_out + fuse_max_write;
+	w->out_cap = hdr_out + max_write;
 	a = buffer_alloc(round_up(w->in_cap + ps, ps));
 	b = buffer_alloc(round_up(w->out_cap + ps, ps));
 	if (!a || !b)
@@ -1568,7 +1853,8 @@ static void devfuse_reply(struct devfuse_worker *w, const struct fuse_in_header 
 		;
 }
 
-/* Split a read()-framed request into header, fixed argument and payload. */
+/* Split a read()-framed request of 'n' bytes into header, fixed argument
+ * and payload.  -EINVAL if the header's length disagrees with 'n'. */
 static int devfuse_parse(const char *buf, size_t n, struct fuse_req *req)
 {
 	const struct fuse_in_header *in = (const void *)buf;
@@ -1588,21 +1874,23 @@ static int devfuse_parse(const char *buf, size_t n, struct fuse_req *req)
 
 static void devfuse_serve_one(struct devfuse_worker *w, size_t n)
 {
+	struct image *img = &w->exp->img;
 	struct fuse_req req;
 	struct fuse_reply rep = { .out = w->out + sizeof(struct fuse_out_header),
 				  .out_cap = w->out_cap - sizeof(struct fuse_out_header) };
+	enum fuse_verdict v = FUSE_REPLY;
 
 	if (devfuse_parse(w->in, n, &req) < 0) {
 		rep.error = -EINVAL;
-	} else if (req.in->opcode == FUSE_INIT) {
-		rep.error = -EPROTO;		/* INIT is answered once, at mount */
 	} else {
 		payload_track_zero(&w->out_zeroed, &rep, 0);
-		fuse_handle(&req, &rep);
+		v = fuse_dispatch(img, &req, &rep);
+		if (v == FUSE_IMAGE_IO)
+			fuse_io_complete(img, &rep, img->ops->rw(img, &rep.io));
 		fuse_log_request("dev", w->idx, &req, &rep);
-		payload_track_reply(&w->out_zeroed, &req, &rep);
+		payload_track_reply(&w->out_zeroed, &rep);
 	}
-	if (!rep.none)
+	if (v != FUSE_NO_REPLY)
 		devfuse_reply(w, req.in, &rep);
 }
 
@@ -1613,12 +1901,13 @@ static void *devfuse_worker_main(void *arg)
 	pin_to_cpu(w->cpu);
 	for (;;) {
 		ssize_t n = read(w->fd, w->in, w->in_cap);
+		int err = n < 0 ? errno : 0;
 
-		if (n < 0) {
-			if (errno == EINTR || errno == EAGAIN || errno == ENOENT)
-				continue;
-			if (errno != ENODEV && !stopping)
-				log_err("thread %u: read /dev/fuse: %s", w->idx, strerror(errno));
+		if (err == EINTR || err == EAGAIN || err == ENOENT)
+			continue;
+		if (err) {
+			if (err != ENODEV && !w->exp->stopping)
+				log_err("thread %u: read /dev/fuse: %s", w->idx, strerror(err));
 			break;
 		}
 		if ((size_t)n < sizeof(struct fuse_in_header)) {
@@ -1627,75 +1916,61 @@ static void *devfuse_worker_main(void *arg)
 		}
 		devfuse_serve_one(w, (size_t)n);
 	}
-	worker_exited();
+	export_thread_exited(w->exp);
 	return NULL;
 }
 
 /* A clone gets its own processing list, so threads never contend on one fd.
  * Unprivileged daemons cannot open /dev/fuse (often 0600): they share. */
-static int devfuse_clone(void)
+static int devfuse_clone(int dev_fd)
 {
-	uint32_t src = (uint32_t)fuse_dev_fd;
+	uint32_t src = (uint32_t)dev_fd;
 	int fd = open("/dev/fuse", O_RDWR | O_CLOEXEC);
 
 	if (fd < 0)
-		return fuse_dev_fd;
+		return dev_fd;
 	if (ioctl(fd, FUSE_DEV_IOC_CLONE, &src) < 0) {
 		close(fd);
-		return fuse_dev_fd;
+		return dev_fd;
 	}
 	return fd;
 }
 
-static struct devfuse_worker *devfuse_workers;
-static unsigned nr_workers;
-
-/* The CPUs this process may run on, in order; one serving thread each. */
-static unsigned cpu_list(int *cpus, unsigned max)
+/* Start one serving thread per CPU we may run on.  Returns 0, -ENOMEM, or
+ * the pthread_create error; threads already started keep serving (they end
+ * with the connection). */
+static int devfuse_start(struct export *exp)
 {
-	cpu_set_t set;
-	unsigned n = 0;
-
-	if (sched_getaffinity(0, sizeof(set), &set) < 0) {
-		cpus[0] = -1;
-		return 1;
-	}
-	for (int c = 0; c < CPU_SETSIZE && n < max; c++)
-		if (CPU_ISSET(c, &set))
-			cpus[n++] = c;
-	return n ? n : 1;
-}
-
-static int devfuse_start(void)
-{
-	static int cpus[CPU_SETSIZE];
+	int cpus[CPU_SETSIZE];
 	unsigned n = cpu_list(cpus, CPU_SETSIZE);
+	struct devfuse_pool *pool = calloc(1, sizeof(*pool) + n * sizeof(pool->workers[0]));
 
-	devfuse_workers = calloc(n, sizeof(*devfuse_workers));
-	if (!devfuse_workers)
+	if (!pool)
 		return -ENOMEM;
+	exp->devfuse = pool;
 	for (unsigned i = 0; i < n; i++) {
-		struct devfuse_worker *w = &devfuse_workers[i];
+		struct devfuse_worker *w = &pool->workers[i];
 		int err;
 
+		w->exp = exp;
 		w->idx = i;
 		w->cpu = cpus[i];
-		w->fd = i == 0 ? fuse_dev_fd : devfuse_clone();
-		err = devfuse_alloc(w);
+		w->fd = i == 0 ? exp->dev_fd : devfuse_clone(exp->dev_fd);
+		err = devfuse_alloc(w, exp->max_write);
 		if (!err)
 			err = -pthread_create(&w->thread, NULL, devfuse_worker_main, w);
 		if (err)
 			return err;
-		nr_workers++;
-		atomic_fetch_add(&workers_live, 1);
+		pool->nr_workers++;
+		atomic_fetch_add(&exp->threads_live, 1);
 	}
 	return 0;
 }
 
-static void devfuse_join(void)
+static void devfuse_join(struct export *exp)
 {
-	for (unsigned i = 0; i < nr_workers; i++)
-		pthread_join(devfuse_workers[i].thread, NULL);
+	for (unsigned i = 0; exp->devfuse && i < exp->devfuse->nr_workers; i++)
+		pthread_join(exp->devfuse->workers[i].thread, NULL);
 }
 
 /* ======================================================================
@@ -1703,8 +1978,9 @@ static void devfuse_join(void)
  *
  * The kernel (6.14+) wants one queue per *possible* CPU and routes each
  * request to the queue of the CPU its caller runs on; the ring only becomes
- * ready once every queue has an entry registered.  Thread k owns queue k:
- * its own ring, pinned to CPU k when that CPU is ours to run on.
+ * ready once every queue has an entry registered (fs/fuse/dev_uring.c).
+ * Thread k owns queue k: its own ring, pinned to CPU k when that CPU is
+ * ours to run on.  The queues together are one struct ring_pool.
  *
  * A queue has 'depth' entries.  Each entry owns a request header and a
  * payload buffer, registered once (REGISTER) and reused by every
@@ -1718,19 +1994,21 @@ static void devfuse_join(void)
  * Counting invariant: every live entry has exactly one SQE or CQE
  * outstanding, so a queue never has more than 'depth' SQEs to write or
  * CQEs to reap; the SQ holds depth entries and the CQ twice that, so
- * neither can overflow.  A queue's memory is freed only when all its
- * entries are DONE, i.e. when the kernel can no longer write into them.
+ * neither can overflow (ring_sqe() checks it).  A queue's memory is freed
+ * only when all its entries are ended, i.e. when the kernel can no longer
+ * write into them.
  *
  * user_data: bit 63 set for image I/O, clear for FUSE commands; the low 32
  * bits are the entry index.
  * ====================================================================== */
 
 #define UD_IMAGE_IO	(1ULL << 63)
-_Static_assert(MAX_QUEUE_DEPTH <= UINT32_MAX, "entry index fits user_data");
 _Static_assert(sizeof(struct fuse_uring_cmd_req) <= 80, "fits the SQE128 command area");
 _Static_assert(sizeof(struct fuse_uring_req_header) == 288, "fuse_uring_req_header");
 
-enum { FIXED_FUSE = 0, FIXED_IMAGE = 1, FIXED_IMAGE_BUFFERED = 2 };
+/* Fixed files of every ring: the connection, then image.fds[] in order. */
+#define FIXED_FUSE	0
+#define FIXED_IMAGE(role)	(1 + (role))
 
 struct ring_entry {
 	struct fuse_uring_req_header *hdr;	/* kernel writes the request here */
@@ -1738,165 +2016,150 @@ struct ring_entry {
 	struct iovec iov[2];			/* read by REGISTER at issue time */
 	bool registering;			/* REGISTER not yet accepted */
 	size_t zeroed;				/* payload bytes known zero (null:) */
-	struct image_io io;
-	struct fuse_reply rep;
+	struct fuse_reply rep;			/* with rep.io the image I/O */
 };
 
 struct ring_queue {
+	struct ring_pool *pool;
 	pthread_t thread;
 	unsigned qid;
 	int cpu;				/* -1: not pinned */
-	unsigned depth;
-	size_t payload_size;
 	struct ring ring;
 	struct ring_entry *ents;
 	void *hdr_mem, *payload_mem;
-	unsigned live;				/* entries not DONE */
+	unsigned live;				/* entries not ended */
 	int setup_err, register_err;
-	uint64_t served;			/* requests taken from the ring */
+	_Atomic uint64_t served;		/* requests taken from the ring */
 };
 
-static struct ring_queue *ring_queues;
-static unsigned nr_ring_queues;
-static unsigned uring_depth;			/* entries per queue, after memory_plan */
-static char uring_flags_granted[128];
+/* Where start-up stands; each queue thread waits for the next phase. */
+enum ring_pool_phase {
+	RING_POOL_SETUP,	/* threads build their rings and buffers */
+	RING_POOL_REGISTER,	/* INIT reply sent: REGISTER, then serve */
+	RING_POOL_ABANDON,	/* start-up failed: free everything and end */
+};
 
-/* The CPUs this process may use.  A queue's io-wq workers run on these less
- * the queue's own CPU; with only one there is nowhere to offload to. */
-static cpu_set_t ring_allowed_cpus;
-static bool ring_offload_cpus;
+struct ring_pool {
+	struct export *exp;
+	struct ring_queue *queues;
+	unsigned nr_queues;		/* threads started */
+	unsigned depth;			/* entries per queue */
+	size_t payload_size;		/* bytes per entry */
+	/* The CPUs this process may use.  A queue's io-wq workers run on
+	 * these less the queue's own CPU; with only one there is nowhere to
+	 * offload to (offload false). */
+	cpu_set_t allowed_cpus;
+	bool offload;
+	/* Start-up rendezvous between main and the queue threads. */
+	pthread_mutex_t lock;
+	pthread_cond_t cond;
+	enum ring_pool_phase phase;
+	unsigned reported;		/* threads done with the phase */
+};
 
-/* Start-up rendezvous between main and the queue threads. */
-static pthread_mutex_t uring_lock = PTHREAD_MUTEX_INITIALIZER;
-static pthread_cond_t uring_cond = PTHREAD_COND_INITIALIZER;
-static unsigned uring_reported;			/* threads done with a phase */
-static int uring_go = -1;			/* -1 wait, 0 abandon, 1 register */
-
-static void uring_report(void)
+static void ring_pool_report(struct ring_pool *pool)
 {
-	pthread_mutex_lock(&uring_lock);
-	uring_reported++;
-	pthread_cond_broadcast(&uring_cond);
-	pthread_mutex_unlock(&uring_lock);
+	pthread_mutex_lock(&pool->lock);
+	pool->reported++;
+	pthread_cond_broadcast(&pool->cond);
+	pthread_mutex_unlock(&pool->lock);
 }
 
-static void uring_wait_reports(unsigned n)
+/* Wait until every started queue thread has reported on the phase. */
+static void ring_pool_wait_reports(struct ring_pool *pool)
 {
-	pthread_mutex_lock(&uring_lock);
-	while (uring_reported < n)
-		pthread_cond_wait(&uring_cond, &uring_lock);
-	pthread_mutex_unlock(&uring_lock);
+	pthread_mutex_lock(&pool->lock);
+	while (pool->reported < pool->nr_queues)
+		pthread_cond_wait(&pool->cond, &pool->lock);
+	pthread_mutex_unlock(&pool->lock);
 }
 
-static int uring_wait_go(void)
+static enum ring_pool_phase ring_pool_wait_phase(struct ring_pool *pool)
 {
-	int go;
+	enum ring_pool_phase phase;
 
-	pthread_mutex_lock(&uring_lock);
-	while (uring_go < 0)
-		pthread_cond_wait(&uring_cond, &uring_lock);
-	go = uring_go;
-	pthread_mutex_unlock(&uring_lock);
-	return go;
+	pthread_mutex_lock(&pool->lock);
+	while (pool->phase == RING_POOL_SETUP)
+		pthread_cond_wait(&pool->cond, &pool->lock);
+	phase = pool->phase;
+	pthread_mutex_unlock(&pool->lock);
+	return phase;
 }
 
-static void uring_set_go(int go)
+static void ring_pool_set_phase(struct ring_pool *pool, enum ring_pool_phase phase)
 {
-	pthread_mutex_lock(&uring_lock);
-	uring_reported = 0;
-	uring_go = go;
-	pthread_cond_broadcast(&uring_cond);
-	pthread_mutex_unlock(&uring_lock);
+	pthread_mutex_lock(&pool->lock);
+	pool->reported = 0;
+	pool->phase = phase;
+	pthread_cond_broadcast(&pool->cond);
+	pthread_mutex_unlock(&pool->lock);
 }
 
-/* Count the CPUs in a kernel CPU list ("0-1", "0,2-5", "0-3,8-11\n", the
- * format of /sys/devices/system/cpu/possible).  Returns the count, or
- * -EINVAL for anything else (empty, reversed or open ranges, junk). */
-static int parse_cpu_list(const char *s)
-{
-	int n = 0;
-
-	while (*s && *s != '\n') {
-		char *end;
-		long a, b;
-
-		if (!isdigit((unsigned char)*s))
-			return -EINVAL;
-		a = b = strtol(s, &end, 10);
-		if (*end == '-') {
-			if (!isdigit((unsigned char)end[1]))
-				return -EINVAL;
-			b = strtol(end + 1, &end, 10);
-		}
-		if (b < a || b >= CPU_SETSIZE * 64L)
-			return -EINVAL;
-		n += (int)(b - a + 1);
-		if (*end == ',' && isdigit((unsigned char)end[1]))
-			end++;
-		else if (*end && *end != '\n')
-			return -EINVAL;
-		s = end;
-	}
-	return n > 0 ? n : -EINVAL;
-}
-
-/* Number of possible CPUs: the kernel's queue count.  Never guessed. */
-static int possible_cpus(void)
-{
-	char buf[256];
-
-	if (read_small_file("/sys/devices/system/cpu/possible", buf, sizeof(buf)) <= 0)
-		return -ENOENT;
-	return parse_cpu_list(buf);
-}
-
+/* The queue's ring, its fixed files and its entries' buffers.  Returns 0,
+ * -ENOMEM, or the -errno of io_uring_setup/register/mmap. */
 static int ring_queue_setup(struct ring_queue *q)
 {
+	struct ring_pool *pool = q->pool;
+	struct image *img = &pool->exp->img;
 	size_t hdr_size = round_up(sizeof(struct fuse_uring_req_header), 64);
-	int files[3] = { fuse_dev_fd, img.fd, img.fd_buffered };
+	int files[1 + IMAGE_NR_FDS] = { pool->exp->dev_fd };
 	int err;
 
-	err = ring_init(&q->ring, q->depth);
+	for (unsigned i = 0; i < img->nr_fds; i++)
+		files[FIXED_IMAGE(i)] = img->fds[i];
+	err = ring_init(&q->ring, pool->depth);
 	if (err)
 		return err;
-	err = sys_io_uring_register(q->ring.fd, IORING_REGISTER_FILES, files,
-				    img.backend == BACKEND_NULL ? 1 : 3);
+	err = sys_io_uring_register(q->ring.fd, IORING_REGISTER_FILES, files, 1 + img->nr_fds);
 	if (err < 0)
 		return err;
-	if (ring_offload_cpus && q->cpu >= 0) {
-		cpu_set_t set = ring_allowed_cpus;
+	if (pool->offload && q->cpu >= 0) {
+		cpu_set_t set = pool->allowed_cpus;
 
 		/* Best effort: without it the workers may share our CPU. */
 		CPU_CLR(q->cpu, &set);
 		sys_io_uring_register(q->ring.fd, IORING_REGISTER_IOWQ_AFF, &set, sizeof(set));
 	}
-	q->ents = calloc(q->depth, sizeof(*q->ents));
-	q->hdr_mem = buffer_alloc(round_up(hdr_size * q->depth, page_size()));
-	q->payload_mem = buffer_alloc(q->payload_size * q->depth);
+	q->ents = calloc(pool->depth, sizeof(*q->ents));
+	q->hdr_mem = buffer_alloc(round_up(hdr_size * pool->depth, page_size()));
+	q->payload_mem = buffer_alloc(pool->payload_size * pool->depth);
 	if (!q->ents || !q->hdr_mem || !q->payload_mem)
 		return -ENOMEM;
-	for (unsigned i = 0; i < q->depth; i++) {
+	for (unsigned i = 0; i < pool->depth; i++) {
 		struct ring_entry *e = &q->ents[i];
 
 		e->hdr = (void *)((char *)q->hdr_mem + hdr_size * i);
-		e->payload = (char *)q->payload_mem + q->payload_size * i;
+		e->payload = (char *)q->payload_mem + pool->payload_size * i;
 		e->iov[0] = (struct iovec){ e->hdr, sizeof(*e->hdr) };
-		e->iov[1] = (struct iovec){ e->payload, q->payload_size };
+		e->iov[1] = (struct iovec){ e->payload, pool->payload_size };
 	}
 	return 0;
 }
 
 static void ring_queue_free(struct ring_queue *q)
 {
+	struct ring_pool *pool = q->pool;
 	size_t hdr_size = round_up(sizeof(struct fuse_uring_req_header), 64);
 
 	if (q->payload_mem)
-		munmap(q->payload_mem, q->payload_size * q->depth);
+		munmap(q->payload_mem, pool->payload_size * pool->depth);
 	if (q->hdr_mem)
-		munmap(q->hdr_mem, round_up(hdr_size * q->depth, page_size()));
+		munmap(q->hdr_mem, round_up(hdr_size * pool->depth, page_size()));
 	free(q->ents);
 	if (q->ring.map)
 		ring_exit(&q->ring);
+}
+
+/* An SQE for the queue; the counting invariant says there always is one. */
+static struct io_uring_sqe *ring_queue_sqe(struct ring_queue *q, unsigned i)
+{
+	struct io_uring_sqe *sqe = ring_sqe(&q->ring);
+
+	if (!sqe) {
+		log_err("queue %u: entry %u: no free SQE: counting invariant broken", q->qid, i);
+		abort();
+	}
+	return sqe;
 }
 
 /* Queue the FUSE command that parks entry i: REGISTER the first time,
@@ -1904,7 +2167,7 @@ static void ring_queue_free(struct ring_queue *q)
 static void ring_queue_fuse_cmd(struct ring_queue *q, unsigned i)
 {
 	struct ring_entry *e = &q->ents[i];
-	struct io_uring_sqe *sqe = ring_sqe(&q->ring);
+	struct io_uring_sqe *sqe = ring_queue_sqe(q, i);
 	struct fuse_uring_cmd_req *cmd = (void *)sqe->cmd;
 
 	sqe->opcode = IORING_OP_URING_CMD;
@@ -1940,7 +2203,7 @@ static void ring_queue_commit(struct ring_queue *q, unsigned i)
 }
 
 /* Point 'req' at the request in entry e; -EINVAL if its lengths disagree
- * or claim more payload than the entry's buffer holds. */
+ * or claim more payload than the entry's buffer ('cap' bytes) holds. */
 static int ring_queue_parse(struct ring_entry *e, size_t cap, struct fuse_req *req)
 {
 	const struct fuse_in_header *in = (const void *)e->hdr->in_out;
@@ -1970,61 +2233,78 @@ static int ring_queue_parse(struct ring_entry *e, size_t cap, struct fuse_req *r
  */
 #define OFFLOAD_MIN_BYTES	(128 * 1024)
 
-static bool ring_io_offload(const struct image_io *io)
+static bool ring_io_offload(const struct ring_pool *pool, const struct image_io *io)
 {
-	return io->len >= OFFLOAD_MIN_BYTES && !image_io_direct(io) && ring_offload_cpus;
+	return io->len >= OFFLOAD_MIN_BYTES && pool->offload &&
+	       !image_io_direct(&pool->exp->img, io);
 }
 
 /* A synchronous write (RWF_DSYNC/RWF_SYNC) ends in a flush of the image:
  * io-wq waits for it, never the queue's thread, which serves every other
  * request of its CPU meanwhile.  O_DIRECT ones complete asynchronously. */
-static bool ring_io_async(const struct image_io *io)
+static bool ring_io_async(const struct ring_pool *pool, const struct image_io *io)
 {
-	return ring_io_offload(io) || (io->rw_flags && !image_io_direct(io));
+	return ring_io_offload(pool, io) ||
+	       (io->rw_flags && !image_io_direct(&pool->exp->img, io));
 }
 
 static void ring_queue_image_io(struct ring_queue *q, unsigned i)
 {
-	struct ring_entry *e = &q->ents[i];
-	struct io_uring_sqe *sqe = ring_sqe(&q->ring);
+	struct image_io *io = &q->ents[i].rep.io;
+	struct io_uring_sqe *sqe = ring_queue_sqe(q, i);
 
-	sqe->opcode = e->io.write ? IORING_OP_WRITE : IORING_OP_READ;
-	sqe->flags = IOSQE_FIXED_FILE | (ring_io_async(&e->io) ? IOSQE_ASYNC : 0);
-	sqe->rw_flags = e->io.rw_flags;
-	sqe->fd = e->io.fd == img.fd ? FIXED_IMAGE : FIXED_IMAGE_BUFFERED;
-	sqe->addr = (uintptr_t)e->io.buf + e->io.done;
-	sqe->len = e->io.len - e->io.done;
-	sqe->off = e->io.off + e->io.done;
+	sqe->opcode = io->write ? IORING_OP_WRITE : IORING_OP_READ;
+	sqe->flags = IOSQE_FIXED_FILE | (ring_io_async(q->pool, io) ? IOSQE_ASYNC : 0);
+	sqe->rw_flags = io->rw_flags;
+	sqe->fd = FIXED_IMAGE(io->fd_role);
+	sqe->addr = (uintptr_t)io->buf + io->done;
+	sqe->len = io->len - io->done;
+	sqe->off = io->off + io->done;
 	sqe->user_data = UD_IMAGE_IO | i;
+}
+
+/*
+ * Start the image I/O of entry i: through the ring when it is large enough
+ * to offload, else tried without blocking first.  Returns true if it went
+ * to the ring, false if done (its result is in the reply).  An image
+ * without descriptors (null:) is always done here.
+ */
+static bool ring_queue_start_io(struct ring_queue *q, unsigned i)
+{
+	struct image *img = &q->pool->exp->img;
+	struct ring_entry *e = &q->ents[i];
+	ssize_t n = -EAGAIN;
+
+	e->rep.io.done = 0;
+	if (!img->nr_fds || !ring_io_offload(q->pool, &e->rep.io))
+		n = img->ops->rw_nowait(img, &e->rep.io);
+	if (n == -EAGAIN && img->nr_fds) {
+		ring_queue_image_io(q, i);
+		return true;
+	}
+	fuse_io_complete(img, &e->rep, n);
+	return false;
 }
 
 /* A request arrived in entry i: answer it now, or start its image I/O. */
 static void ring_queue_request(struct ring_queue *q, unsigned i)
 {
 	struct ring_entry *e = &q->ents[i];
+	size_t cap = q->pool->payload_size;
 	struct fuse_req req;
 
-	e->rep = (struct fuse_reply){ .out = e->payload, .out_cap = q->payload_size };
-	__atomic_store_n(&q->served, q->served + 1, __ATOMIC_RELAXED);
+	e->rep = (struct fuse_reply){ .out = e->payload, .out_cap = cap };
+	atomic_store_explicit(&q->served,
+			      atomic_load_explicit(&q->served, memory_order_relaxed) + 1,
+			      memory_order_relaxed);	/* one writer: this thread */
 	payload_track_zero(&e->zeroed, &e->rep, e->hdr->ring_ent_in_out.payload_sz);
-	if (ring_queue_parse(e, q->payload_size, &req) < 0) {
+	if (ring_queue_parse(e, cap, &req) < 0)
 		e->rep.error = -EINVAL;
-	} else if (req.in->opcode == FUSE_READ || req.in->opcode == FUSE_WRITE) {
-		if (fuse_io_prepare(&req, &e->rep, &e->io)) {
-			/* fuse_io_prepare() left io.done at 0. */
-			ssize_t n = ring_io_offload(&e->io) ? -EAGAIN : image_io_nowait(&e->io);
-
-			if (n == -EAGAIN) {
-				ring_queue_image_io(q, i);
-				return;
-			}
-			fuse_io_done(&e->io, n, &e->rep);
-		}
-	} else {
-		fuse_handle(&req, &e->rep);
-	}
+	else if (fuse_dispatch(&q->pool->exp->img, &req, &e->rep) == FUSE_IMAGE_IO &&
+		 ring_queue_start_io(q, i))
+		return;
 	fuse_log_request("q", q->qid, &req, &e->rep);
-	payload_track_reply(&e->zeroed, &req, &e->rep);
+	payload_track_reply(&e->zeroed, &e->rep);
 	ring_queue_commit(q, i);
 }
 
@@ -2034,10 +2314,10 @@ static void ring_queue_io_done(struct ring_queue *q, unsigned i, int res)
 	struct fuse_req req;
 
 	/* A failure after a partial transfer is a short transfer. */
-	if (res >= 0 || e->io.done)
-		res = (res < 0 ? 0 : res) + (int)e->io.done;
-	fuse_io_done(&e->io, res, &e->rep);
-	if (log_debug && ring_queue_parse(e, q->payload_size, &req) == 0)
+	if (res >= 0 || e->rep.io.done)
+		res = (res < 0 ? 0 : res) + (int)e->rep.io.done;
+	fuse_io_complete(&q->pool->exp->img, &e->rep, res);
+	if (log_debug && ring_queue_parse(e, q->pool->payload_size, &req) == 0)
 		fuse_log_request("q", q->qid, &req, &e->rep);
 	e->zeroed = 0;		/* image data is in the payload now */
 	ring_queue_commit(q, i);
@@ -2059,7 +2339,8 @@ static void ring_queue_fuse_done(struct ring_queue *q, unsigned i, int res)
 	/* -ENOTCONN/-ECANCELED/-ENODEV: the connection is gone (normal end). */
 	if (e->registering && !q->register_err)
 		q->register_err = res;
-	else if (res != -ENOTCONN && res != -ECANCELED && res != -ENODEV && !stopping)
+	else if (res != -ENOTCONN && res != -ECANCELED && res != -ENODEV &&
+		 !q->pool->exp->stopping)
 		log_err("queue %u: entry %u: %s", q->qid, i, strerror(-res));
 	q->live--;
 }
@@ -2087,11 +2368,13 @@ static int ring_queue_reap(struct ring_queue *q)
 /* Submit every REGISTER; report failures the kernel gives back at once. */
 static void ring_queue_register(struct ring_queue *q)
 {
-	for (unsigned i = 0; i < q->depth; i++) {
+	unsigned depth = q->pool->depth;
+
+	for (unsigned i = 0; i < depth; i++) {
 		q->ents[i].registering = true;
 		ring_queue_fuse_cmd(q, i);
 	}
-	q->live = q->depth;
+	q->live = depth;
 	q->register_err = ring_submit_wait(&q->ring, 0);
 	/* A REGISTER the kernel accepts stays parked without a CQE; one it
 	 * refuses completes at once.  Collect those (and resubmit EAGAIN). */
@@ -2117,95 +2400,122 @@ static void ring_queue_serve(struct ring_queue *q)
 static void *ring_queue_main(void *arg)
 {
 	struct ring_queue *q = arg;
+	struct ring_pool *pool = q->pool;
 
 	pin_to_cpu(q->cpu);
 	q->setup_err = ring_queue_setup(q);
-	uring_report();
-	if (uring_wait_go() == 1 && !q->setup_err) {
+	ring_pool_report(pool);
+	if (ring_pool_wait_phase(pool) == RING_POOL_REGISTER && !q->setup_err) {
 		ring_queue_register(q);
-		uring_report();
+		ring_pool_report(pool);
 		ring_queue_serve(q);
 	}
 	ring_queue_free(q);
-	worker_exited();
+	export_thread_exited(pool->exp);
 	return NULL;
 }
 
-static void uring_join(void)
+static void ring_pool_join(struct ring_pool *pool)
 {
-	for (unsigned k = 0; k < nr_ring_queues; k++)
-		pthread_join(ring_queues[k].thread, NULL);
+	for (unsigned k = 0; pool && k < pool->nr_queues; k++)
+		pthread_join(pool->queues[k].thread, NULL);
+}
+
+/* Which CPUs io-wq may use, and whether there is another CPU to offload
+ * to at all. */
+static void ring_pool_cpus(struct ring_pool *pool)
+{
+	int cpus[CPU_SETSIZE];
+	unsigned n = cpu_list(cpus, CPU_SETSIZE);
+
+	CPU_ZERO(&pool->allowed_cpus);
+	for (unsigned j = 0; j < n; j++)
+		if (cpus[j] >= 0)
+			CPU_SET(cpus[j], &pool->allowed_cpus);
+	pool->offload = CPU_COUNT(&pool->allowed_cpus) > 1;
 }
 
 /*
- * Create the queue threads and wait until each has its ring and buffers.
- * Returns 0 when all are ready; otherwise the threads are told to quit.
+ * Create 'nq' queues of 'depth' entries of 'payload_size' bytes: start
+ * their threads and wait until each has its ring and buffers (phase
+ * RING_POOL_SETUP).  Returns the pool, its threads waiting for
+ * ring_pool_register() or ring_pool_abandon(); or NULL with *err (-ENOMEM,
+ * the first thread's setup error, a pthread_create error) and every thread
+ * already ended.
  */
-static int uring_setup(unsigned nq, const char **why)
+static struct ring_pool *ring_pool_create(struct export *exp, unsigned nq, unsigned depth,
+					  size_t payload_size, int *err)
 {
-	int cpus[CPU_SETSIZE];
-	unsigned nallowed = cpu_list(cpus, CPU_SETSIZE);
-	int err = 0;
+	struct ring_pool *pool = calloc(1, sizeof(*pool));
 
-	ring_queues = calloc(nq, sizeof(*ring_queues));
-	if (!ring_queues)
-		return -ENOMEM;
-	CPU_ZERO(&ring_allowed_cpus);
-	for (unsigned j = 0; j < nallowed; j++)
-		if (cpus[j] >= 0)
-			CPU_SET(cpus[j], &ring_allowed_cpus);
-	ring_offload_cpus = CPU_COUNT(&ring_allowed_cpus) > 1;
-	for (unsigned k = 0; k < nq; k++) {
-		struct ring_queue *q = &ring_queues[k];
-		bool allowed = false;
+	*err = -ENOMEM;
+	if (!pool || !(pool->queues = calloc(nq, sizeof(*pool->queues)))) {
+		free(pool);
+		return NULL;
+	}
+	*pool = (struct ring_pool){ .exp = exp, .queues = pool->queues, .depth = depth,
+				    .payload_size = payload_size, .phase = RING_POOL_SETUP };
+	pthread_mutex_init(&pool->lock, NULL);
+	pthread_cond_init(&pool->cond, NULL);
+	ring_pool_cpus(pool);
+	*err = 0;
+	for (unsigned k = 0; k < nq && !*err; k++) {
+		struct ring_queue *q = &pool->queues[k];
 
-		for (unsigned j = 0; j < nallowed; j++)
-			allowed |= cpus[j] == (int)k;
+		q->pool = pool;
 		q->qid = k;
-		q->cpu = allowed ? (int)k : -1;	/* offline or not ours: unpinned */
-		q->depth = uring_depth;
-		q->payload_size = round_up(fuse_max_write > FUSE_MIN_READ_BUFFER ?
-					   fuse_max_write : FUSE_MIN_READ_BUFFER, page_size());
-		if (pthread_create(&q->thread, NULL, ring_queue_main, q)) {
-			err = -EAGAIN;
-			break;
+		/* Offline or not ours: unpinned. */
+		q->cpu = CPU_ISSET(k, &pool->allowed_cpus) ? (int)k : -1;
+		*err = -pthread_create(&q->thread, NULL, ring_queue_main, q);
+		if (!*err) {
+			pool->nr_queues++;
+			atomic_fetch_add(&exp->threads_live, 1);
 		}
-		nr_ring_queues++;
-		atomic_fetch_add(&workers_live, 1);
 	}
-	uring_wait_reports(nr_ring_queues);
-	for (unsigned k = 0; k < nr_ring_queues && !err; k++)
-		err = ring_queues[k].setup_err;
-	if (!err && nr_ring_queues)
-		ring_flags_string(ring_queues[0].ring.flags, uring_flags_granted,
-				  sizeof(uring_flags_granted));
-	if (err) {
-		*why = "io_uring setup failed";
-		uring_set_go(0);
-		uring_join();
-		nr_ring_queues = 0;
+	ring_pool_wait_reports(pool);
+	for (unsigned k = 0; k < pool->nr_queues && !*err; k++)
+		*err = pool->queues[k].setup_err;
+	if (*err) {
+		ring_pool_set_phase(pool, RING_POOL_ABANDON);
+		ring_pool_join(pool);
+		free(pool->queues);
+		free(pool);
+		return NULL;
 	}
-	return err;
+	return pool;
 }
 
-/* After the INIT reply: let the queues REGISTER and collect the verdict. */
-static int uring_register_all(void)
+/* Start-up failed after ring_pool_create: let the threads free their
+ * queues and end, then free the pool. */
+static void ring_pool_abandon(struct ring_pool *pool)
+{
+	ring_pool_set_phase(pool, RING_POOL_ABANDON);
+	ring_pool_join(pool);
+	free(pool->queues);
+	free(pool);
+}
+
+/* After the INIT reply: let the queues REGISTER and collect the verdict:
+ * 0, or the first queue's REGISTER error (the kernel has then downgraded
+ * the connection to /dev/fuse; the queues end by themselves). */
+static int ring_pool_register(struct ring_pool *pool)
 {
 	int err = 0;
 
-	uring_set_go(1);
-	uring_wait_reports(nr_ring_queues);
-	for (unsigned k = 0; k < nr_ring_queues && !err; k++)
-		err = ring_queues[k].register_err;
+	ring_pool_set_phase(pool, RING_POOL_REGISTER);
+	ring_pool_wait_reports(pool);
+	for (unsigned k = 0; k < pool->nr_queues && !err; k++)
+		err = pool->queues[k].register_err;
 	return err;
 }
 
-static uint64_t uring_served(void)
+/* Requests taken from all rings so far. */
+static uint64_t ring_pool_served(const struct ring_pool *pool)
 {
 	uint64_t n = 0;
 
-	for (unsigned k = 0; k < nr_ring_queues; k++)
-		n += __atomic_load_n(&ring_queues[k].served, __ATOMIC_RELAXED);
+	for (unsigned k = 0; pool && k < pool->nr_queues; k++)
+		n += atomic_load_explicit(&pool->queues[k].served, memory_order_relaxed);
 	return n;
 }
 
@@ -2426,12 +2736,28 @@ static void fuse_abort_connection(unsigned minor)
 }
 
 /* ======================================================================
- * Lifecycle: daemonizing, readiness, signals, shutdown
+ * Start-up: the image, the mount point, the FUSE handshake
  *
- * Signals are blocked in every thread and taken synchronously by the main
- * thread with sigwaitinfo(); serving threads wake it with SIGUSR1 when they
- * end.  Without -f the parent waits on a pipe and exits 0 only once the
- * mount is live and serving, so "uexportd img f && cat f" has no race.
+ * start_export() runs the phases in order, each a function that returns
+ * -errno and leaves the words for its failure in struct startup; the one
+ * log line is written by start_export:
+ *
+ *   mount          mount_export(): the /dev/fuse fd of a new connection
+ *   read INIT      startup_read_init()
+ *   plan           startup_plan_rings(), else startup_plan_devfuse(): the
+ *                  transport, the memory plan, the INIT reply; the rings
+ *                  are created here, since FUSE_OVER_IO_URING may be
+ *                  offered only once every ring and buffer exists (the
+ *                  kernel blocks all requests until the rings are ready)
+ *   reply INIT     startup_reply_init()
+ *   passthrough    startup_passthrough(): register the backing file
+ *   register       startup_register_rings(): REGISTERs may go out only
+ *                  after the INIT reply is written
+ *   serve          devfuse_start(): /dev/fuse threads run in io_uring mode
+ *                  too (FORGET and INTERRUPT always arrive there, and so
+ *                  does everything after a downgrade)
+ *   confirm        startup_confirm_rings(): a request came through a ring
+ *   stat           the live export's st_dev
  * ====================================================================== */
 
 struct options {
@@ -2447,7 +2773,523 @@ struct options {
 	const char *pidfile;
 };
 
-static int ready_pipe = -1;		/* write end; the parent waits on it */
+/* Open the image into exp->img with the options' settings; the boundary
+ * for its errors (logged here, once).  Returns 0 or -errno. */
+static int open_image(struct export *exp, const struct options *o)
+{
+	struct image *img = &exp->img;
+	int err;
+
+	img->writable = o->writable;
+	img->growable = o->growable;
+	img->direct = o->direct;
+	img->passthrough = o->passthrough;
+	img->mode = o->writable ? 0600 : 0400;
+	img->uid = getuid();
+	img->gid = getgid();
+	img->allow_chown = o->allow_other != TRI_OFF;
+	err = image_open(img, o->image);
+	if (err == -EINVAL && strncmp(o->image, "null:", 5) == 0)
+		log_err("invalid image '%s' (expected null:SIZE, e.g. null:1G)", o->image);
+	else if (err == -EINVAL)
+		log_err("%s: not a regular file or block device", o->image);
+	else if (err)
+		log_err("open %s: %s", o->image, strerror(-err));
+	else if (o->passthrough && !img->ops->backing_file)
+		err = -EINVAL, log_err("--passthrough needs a regular-file image");
+	/* The export's size is always what the image can hold. */
+	else if (o->growable && img->ops->fixed_size)
+		err = -EINVAL, log_err("--growable: %s is a %s, whose size is fixed",
+				       o->image, img->ops->kind);
+	return err;
+}
+
+/* The mount point must be an existing regular file.  Logs its failure.
+ * Returns 0 or -errno. */
+static int check_mountpoint(struct options *o)
+{
+	struct stat *st = &o->mountpoint_st;
+	int err = 0;
+
+	if (stat(o->mountpoint, st) < 0 || !realpath(o->mountpoint, o->mountpoint_abs))
+		err = -errno;
+	else if (!S_ISREG(st->st_mode))
+		err = S_ISDIR(st->st_mode) ? -EISDIR : -EINVAL;
+	if (err == -EISDIR)
+		log_err("mount point %s: is a directory (it must be a regular file)", o->mountpoint);
+	else if (err == -EINVAL)
+		log_err("mount point %s: not a regular file", o->mountpoint);
+	else if (err)
+		log_err("mount point %s: %s", o->mountpoint, strerror(-err));
+	return err;
+}
+
+/*
+ * Serialize start-ups on one mount point: the check that it is not mounted
+ * and our mount are two steps, and two daemons started together would both
+ * pass the check and stack.  An flock on the file there (the file
+ * underneath, or a winner's export once mounted) is held from the check
+ * until the export is live or has failed (see serve).  Best effort when
+ * the file cannot be opened for reading.  Returns 0, or -EWOULDBLOCK after
+ * MOUNTPOINT_LOCK_MS (longer than any start-up waits).
+ */
+#define MOUNTPOINT_LOCK_MS	(RING_READY_TIMEOUT_MS + 5000)
+
+static int mountpoint_lock(struct options *o)
+{
+	int err;
+
+	o->mountpoint_lock = open(o->mountpoint_abs, O_RDONLY | O_NONBLOCK | O_NOCTTY | O_CLOEXEC);
+	if (o->mountpoint_lock < 0)
+		return 0;
+	err = flock_until(o->mountpoint_lock, now_ns() + MOUNTPOINT_LOCK_MS * 1000000ull);
+	if (err) {
+		close(o->mountpoint_lock);
+		o->mountpoint_lock = -1;
+	}
+	return err == -EWOULDBLOCK ? err : 0;
+}
+
+/* Take the mount point: locked against other start-ups, not mounted yet.
+ * Logs its failure.  Returns 0 or -EBUSY. */
+static int claim_mountpoint(struct options *o)
+{
+	if (mountpoint_lock(o) < 0) {
+		log_err("mount point %s: another uexportd is still starting on it", o->mountpoint);
+		return -EBUSY;
+	}
+	if (mount_lookup(o->mountpoint_abs, NULL) == 1) {
+		log_err("mount point %s: already a mount point", o->mountpoint);
+		return -EBUSY;
+	}
+	return 0;
+}
+
+/*
+ * Fit the request buffers in the memory budget (bytes).  io_uring needs
+ * 'depth' payload buffers of max_write bytes for each of 'units' queues
+ * (one per possible CPU: 256 CPUs x 64 x 1 MiB would be 16 GiB); /dev/fuse
+ * threads need two each.  Shrink depth to 16 first, then the payload down
+ * to MIN_PAYLOAD, then depth again.  Buffers are faulted in only when used,
+ * so this bounds the worst case, not the usual RSS.
+ */
+static void memory_plan(uint64_t budget, unsigned units, unsigned *depth, uint32_t *payload)
+{
+	*payload = MAX_PAYLOAD;
+	while ((uint64_t)units * *depth * *payload > budget) {
+		if (*depth > 16)
+			*depth = *depth / 2 < 16 ? 16 : *depth / 2;
+		else if (*payload > MIN_PAYLOAD)
+			*payload /= 2;
+		else if (*depth > 1)
+			(*depth)--;
+		else
+			break;		/* over budget even at the minimum */
+	}
+}
+
+static void memory_plan_log(uint64_t budget, unsigned units, unsigned depth, uint32_t payload)
+{
+	log_info("memory: %u x %u buffers of %u KiB = %llu MiB (budget %llu MiB)",
+		 units, depth, payload >> 10,
+		 (unsigned long long)((uint64_t)units * depth * payload >> 20),
+		 (unsigned long long)(budget >> 20));
+}
+
+/* The kernel's bound on pages per request (fs.fuse.max_pages_limit);
+ * 256, its default, when it cannot be read. */
+static unsigned max_pages_limit(void)
+{
+	char buf[32];
+
+	if (read_small_file("/proc/sys/fs/fuse/max_pages_limit", buf, sizeof(buf)) > 0)
+		return (unsigned)atoi(buf);
+	return 256;
+}
+
+/* Why the kernel did not offer FUSE_OVER_IO_URING. */
+static const char *uring_unavailable_reason(void)
+{
+	char v[8];
+
+	if (read_small_file("/sys/module/fuse/parameters/enable_uring", v, sizeof(v)) <= 0)
+		return "kernel has no FUSE-over-io_uring (needs Linux 6.14+)";
+	if (v[0] != 'Y')
+		return "enable_uring is off";
+	return "kernel did not offer FUSE_OVER_IO_URING";
+}
+
+/* What the handshake phases share. */
+struct startup {
+	const struct options *o;
+	unsigned nr_cpus;			/* /dev/fuse threads */
+	char *buf;				/* the INIT request */
+	ssize_t len;				/* its size, -1 before */
+	const struct fuse_in_header *in;
+	const struct fuse_init_in *init;
+	struct {
+		struct fuse_out_header hdr;
+		struct fuse_init_out init;
+	} reply;
+	const char *reason;			/* why /dev/fuse serves; NULL: rings */
+	char why[128];				/* room for a composed reason */
+	char error[256];			/* what failed, for the one log line */
+};
+
+static int __attribute__((format(printf, 3, 4)))
+startup_fail(struct startup *st, int err, const char *fmt, ...)
+{
+	va_list ap;
+
+	va_start(ap, fmt);
+	vsnprintf(st->error, sizeof(st->error), fmt, ap);
+	va_end(ap);
+	return err;
+}
+
+/* Read FUSE_INIT off the fresh connection.  Returns 0, -EPROTO for
+ * anything else, -ENOMEM or the read's -errno. */
+static int startup_read_init(struct export *exp, struct startup *st)
+{
+	int err;
+
+	st->buf = malloc(FUSE_MIN_READ_BUFFER);
+	if (!st->buf)
+		return startup_fail(st, -ENOMEM, "FUSE handshake: %s", strerror(ENOMEM));
+	do {
+		st->len = read(exp->dev_fd, st->buf, FUSE_MIN_READ_BUFFER);
+	} while (st->len < 0 && errno == EINTR);
+	err = st->len < 0 ? -errno : 0;
+	st->in = (const void *)st->buf;
+	st->init = (const void *)(st->in + 1);
+	if (!err && ((size_t)st->len < sizeof(*st->in) + sizeof(*st->init) ||
+		     st->in->opcode != FUSE_INIT))
+		err = -EPROTO;
+	if (err)
+		return startup_fail(st, err, "FUSE handshake: read INIT: %s", strerror(-err));
+	return 0;
+}
+
+/* Compute the INIT reply for payloads of up to 'payload' bytes; sets
+ * exp->max_write.  Returns 0 or fuse_init()'s -errno. */
+static int startup_init_reply(struct export *exp, struct startup *st, uint32_t payload)
+{
+	int err = fuse_init(st->init, &st->reply.init, exp->img.passthrough, payload,
+			    max_pages_limit(), st->nr_cpus);
+
+	if (err == -EOPNOTSUPP && exp->img.passthrough)
+		return startup_fail(st, err, "--passthrough: the kernel does not offer FUSE "
+				    "passthrough (needs Linux 6.9+ with CONFIG_FUSE_PASSTHROUGH)");
+	if (err)
+		return startup_fail(st, err, "FUSE handshake: %s", strerror(-err));
+	exp->max_write = st->reply.init.max_write;
+	return 0;
+}
+
+/*
+ * Try io_uring: if wanted and offered, plan its memory, compute the INIT
+ * reply and create the rings (exp->rings), offering FUSE_OVER_IO_URING.
+ * Anything missing leaves exp->rings NULL and st->reason saying why.
+ * Returns 0, or the INIT reply's -errno.
+ */
+static int startup_plan_rings(struct export *exp, struct startup *st)
+{
+	const struct options *o = st->o;
+	bool offered = (st->init->flags & FUSE_INIT_EXT) &&
+		       ((uint64_t)st->init->flags2 << 32 & FUSE_OVER_IO_URING);
+	unsigned depth = o->queue_depth;
+	uint32_t payload;
+	int nq, err;
+
+	st->reason = "--io-uring=off";
+	if (o->io_uring == TRI_OFF)
+		return 0;
+	st->reason = uring_unavailable_reason();
+	if (!offered)
+		return 0;
+	nq = possible_cpus();
+	if (nq < 0) {
+		st->reason = "cannot read /sys/devices/system/cpu/possible";
+		return 0;
+	}
+	memory_plan(o->max_memory, (unsigned)nq, &depth, &payload);
+	memory_plan_log(o->max_memory, (unsigned)nq, depth, payload);
+	if ((err = startup_init_reply(exp, st, payload)) < 0)
+		return err;
+	exp->rings = ring_pool_create(exp, (unsigned)nq, depth,
+				      round_up(exp->max_write > FUSE_MIN_READ_BUFFER ?
+					       exp->max_write : FUSE_MIN_READ_BUFFER,
+					       page_size()), &err);
+	if (!exp->rings) {
+		snprintf(st->why, sizeof(st->why), "io_uring setup failed: %s", strerror(-err));
+		st->reason = st->why;
+		return 0;
+	}
+	st->reply.init.flags2 |= (uint32_t)(FUSE_OVER_IO_URING >> 32);
+	return 0;
+}
+
+/* /dev/fuse only: two buffers per thread. */
+static int startup_plan_devfuse(struct export *exp, struct startup *st)
+{
+	unsigned two = 2;
+	uint32_t payload;
+
+	memory_plan(st->o->max_memory, st->nr_cpus, &two, &payload);
+	memory_plan_log(st->o->max_memory, st->nr_cpus, two, payload);
+	return startup_init_reply(exp, st, payload);
+}
+
+/* Answer INIT: the reply, or 'err' if planning failed.  Returns 'err', or
+ * the write's -errno. */
+static int startup_reply_init(struct export *exp, struct startup *st, int err)
+{
+	st->reply.hdr.len = err ? sizeof(st->reply.hdr) : sizeof(st->reply);
+	st->reply.hdr.error = err;
+	st->reply.hdr.unique = st->in->unique;
+	if (write(exp->dev_fd, &st->reply, st->reply.hdr.len) < 0 && !err)
+		err = startup_fail(st, -errno, "FUSE handshake: write INIT reply: %s",
+				   strerror(errno));
+	return err;
+}
+
+/* Register the image as the backing file every OPEN will name (root only:
+ * the kernel wants CAP_SYS_ADMIN).  Returns 0 or -errno. */
+static int startup_passthrough(struct export *exp, struct startup *st)
+{
+	struct fuse_backing_map map = { .fd = exp->img.fds[IMAGE_FD_MAIN] };
+	int id = ioctl(exp->dev_fd, FUSE_DEV_IOC_BACKING_OPEN, &map);
+	int err = id < 0 ? -errno : 0;
+
+	if (err)
+		return startup_fail(st, err, "--passthrough: register %s as backing file: %s%s",
+				    exp->img.path, strerror(-err),
+				    err == -EPERM ? " (needs root)" : "");
+	exp->img.backing_id = id;
+	return 0;
+}
+
+/* Let the rings REGISTER; a refusal leaves /dev/fuse serving, with why. */
+static void startup_register_rings(struct export *exp, struct startup *st)
+{
+	int err = ring_pool_register(exp->rings);
+
+	st->reason = NULL;
+	if (err) {
+		snprintf(st->why, sizeof(st->why), "io_uring REGISTER failed: %s", strerror(-err));
+		st->reason = st->why;
+	}
+}
+
+/*
+ * The FUSE handshake on exp->dev_fd: read INIT, plan, answer, then
+ * passthrough and the rings' REGISTER.  On return st->reason is NULL if
+ * the rings are registered, else why the export runs on /dev/fuse.
+ * Returns 0 or -errno (st->error says what failed); rings created and not
+ * registered are abandoned.
+ */
+static int startup_handshake(struct export *exp, struct startup *st)
+{
+	int err = startup_read_init(exp, st);
+
+	if (!err)
+		err = startup_plan_rings(exp, st);
+	if (!err && !exp->rings)
+		err = startup_plan_devfuse(exp, st);
+	if (st->len > 0)
+		err = startup_reply_init(exp, st, err);
+	if (!err && exp->img.passthrough)
+		err = startup_passthrough(exp, st);
+	if (!err && exp->rings) {
+		startup_register_rings(exp, st);
+	} else if (exp->rings) {
+		ring_pool_abandon(exp->rings);
+		exp->rings = NULL;
+	}
+	return err;
+}
+
+/*
+ * Ask for our own attributes: the GETATTR must come through a ring, else
+ * the kernel is not using them (a silent downgrade we must not hide).  The
+ * stat runs in a helper thread so a ring that never becomes ready (every
+ * request would block in the kernel) fails start-up instead of hanging it;
+ * the probe is shared by the two threads and freed by whichever lets go
+ * last, so the helper may outlive a failed start.
+ */
+struct probe {
+	pthread_mutex_t lock;
+	pthread_cond_t cond;
+	bool done;
+	unsigned refs;				/* under lock */
+	char path[PATH_MAX];
+};
+
+static void probe_put(struct probe *p)
+{
+	unsigned refs;
+
+	pthread_mutex_lock(&p->lock);
+	refs = --p->refs;
+	pthread_mutex_unlock(&p->lock);
+	if (refs == 0) {
+		pthread_mutex_destroy(&p->lock);
+		pthread_cond_destroy(&p->cond);
+		free(p);
+	}
+}
+
+static void *probe_main(void *arg)
+{
+	struct probe *p = arg;
+	struct stat st;
+
+	stat(p->path, &st);
+	pthread_mutex_lock(&p->lock);
+	p->done = true;
+	pthread_cond_signal(&p->cond);
+	pthread_mutex_unlock(&p->lock);
+	probe_put(p);
+	return NULL;
+}
+
+/* Returns 1 if a ring served the stat, 0 if not (or no thread could be
+ * started), -ETIMEDOUT after RING_READY_TIMEOUT_MS. */
+static int startup_confirm_rings(struct export *exp, struct startup *st)
+{
+	struct probe *p = calloc(1, sizeof(*p));
+	struct timespec deadline;
+	pthread_t t;
+	bool done;
+	int err = 0;
+
+	if (!p)
+		return 0;
+	pthread_mutex_init(&p->lock, NULL);
+	pthread_cond_init(&p->cond, NULL);
+	p->refs = 2;
+	snprintf(p->path, sizeof(p->path), "%s", st->o->mountpoint_abs);
+	if (pthread_create(&t, NULL, probe_main, p)) {
+		p->refs = 1;
+		probe_put(p);
+		return 0;
+	}
+	pthread_detach(t);
+	clock_gettime(CLOCK_REALTIME, &deadline);
+	deadline.tv_sec += RING_READY_TIMEOUT_MS / 1000;
+	pthread_mutex_lock(&p->lock);
+	while (!p->done && err != ETIMEDOUT)
+		err = pthread_cond_timedwait(&p->cond, &p->lock, &deadline);
+	done = p->done;
+	pthread_mutex_unlock(&p->lock);
+	probe_put(p);
+	if (!done)
+		return startup_fail(st, -ETIMEDOUT, "io_uring: the kernel did not make the "
+				    "rings ready in %d s", RING_READY_TIMEOUT_MS / 1000);
+	return ring_pool_served(exp->rings) > 0;
+}
+
+/* Where the mount failed, with what the user can do about it. */
+static int startup_mount_error(struct startup *st, const struct mount_opts *mo, int err)
+{
+	if (err == -ENOENT && mo->privileged)
+		return startup_fail(st, err, "open /dev/fuse: %s (is the fuse module loaded?)",
+				    strerror(-err));
+	if (err == -ENOENT)
+		return startup_fail(st, err, "fusermount3 not found: install fuse3 or run as root");
+	return startup_fail(st, err, "mount on %s: %s", st->o->mountpoint, strerror(-err));
+}
+
+/* Mount, negotiate, start the transports: the phases above, in order. */
+static int startup_run(struct export *exp, struct startup *st, struct mount_opts *mo)
+{
+	const struct options *o = st->o;
+	struct stat sb;
+	int err, ok;
+
+	if (o->io_uring == TRI_ON && strcmp(uring_unavailable_reason(), "enable_uring is off") == 0)
+		return startup_fail(st, -EOPNOTSUPP, "--io-uring=on: FUSE-over-io_uring is off "
+				    "(echo Y > /sys/module/fuse/parameters/enable_uring)");
+	exp->dev_fd = mount_export(mo, o->allow_other == TRI_AUTO);
+	if (exp->dev_fd < 0)
+		return startup_mount_error(st, mo, exp->dev_fd);
+	if ((err = startup_handshake(exp, st)) < 0)
+		return err;
+	if ((err = devfuse_start(exp)) < 0)
+		return startup_fail(st, err, "start on %s: %s", o->mountpoint, strerror(-err));
+	if (!st->reason) {
+		if ((ok = startup_confirm_rings(exp, st)) < 0)
+			return ok;
+		if (ok == 0)
+			st->reason = "kernel did not deliver requests through the rings";
+	}
+	if (st->reason && o->io_uring == TRI_ON)
+		return startup_fail(st, -EOPNOTSUPP, "--io-uring=on: FUSE-over-io_uring "
+				    "unavailable: %s", st->reason);
+	/* Served now: the stat cannot hang. */
+	if (stat(mo->target, &sb) < 0)
+		return startup_fail(st, -errno, "stat %s: %s", o->mountpoint, strerror(errno));
+	mo->dev = sb.st_dev;
+	return 0;
+}
+
+/*
+ * Mount, negotiate, start the transports; returns once serving, with
+ * st->reason NULL if the rings serve, else why /dev/fuse does.  The
+ * boundary of start-up errors: logs the failure once.  Returns 0 or -errno.
+ */
+static int start_export(struct export *exp, struct startup *st, struct mount_opts *mo)
+{
+	int cpus[CPU_SETSIZE];
+	int err;
+
+	st->nr_cpus = cpu_list(cpus, CPU_SETSIZE);
+	st->len = -1;
+	err = startup_run(exp, st, mo);
+	if (err)
+		log_err("%s", st->error[0] ? st->error : strerror(-err));
+	free(st->buf);
+	st->buf = NULL;
+	return err;
+}
+
+/* The one line that says what is served and how. */
+static void log_startup(const struct export *exp, const struct options *o, const char *reason)
+{
+	const struct image *img = &exp->img;
+	char line[1024], how[256], flags[128];
+
+	if (reason)
+		snprintf(how, sizeof(how), "transport=dev-fuse threads=%u reason=%s",
+			 exp->devfuse->nr_workers, reason);
+	else
+		snprintf(how, sizeof(how), "transport=uring queues=%u depth=%u",
+			 exp->rings->nr_queues, exp->rings->depth);
+	snprintf(line, sizeof(line), "%s (%llu bytes, %s%s%s) on %s: %s",
+		 o->image, (unsigned long long)img->size, img->writable ? "rw" : "ro",
+		 img->growable ? ",growable" : "", img->passthrough ? ",passthrough" : "",
+		 o->mountpoint, how);
+	/* Foreground, or -v: on stderr.  Daemonized: also syslog. */
+	if (o->foreground || log_verbose)
+		fprintf(stderr, "uexportd: %s\n", line);
+	if (!o->foreground)
+		syslog(LOG_INFO, "%s", line);
+	if (!reason)
+		log_info("io_uring: setup flags %s, payload %u bytes per entry, "
+			 "copies of %u KiB+ on io-wq: %s",
+			 ring_flags_string(exp->rings->queues[0].ring.flags, flags, sizeof(flags)),
+			 exp->max_write, OFFLOAD_MIN_BYTES >> 10,
+			 exp->rings->offload ? "other CPUs" : "off (one CPU)");
+}
+
+/* ======================================================================
+ * Lifecycle: descriptors, pidfile, daemonizing, readiness, signals, stop
+ *
+ * Signals are blocked in every thread and taken synchronously by the main
+ * thread with sigwaitinfo(); serving threads wake it with SIGUSR1 when they
+ * end.  Without -f the parent waits on a pipe and exits 0 only once the
+ * mount is live and serving, so "uexportd img f && cat f" has no race.
+ * ====================================================================== */
 
 /*
  * Descriptors 0-2 must be open before the daemon opens anything: started
@@ -2508,12 +3350,12 @@ static void close_inherited_fds(int keep)
  */
 #define PIDFILE_WAIT_MS	2000
 
-static struct {
+struct pidfile {
 	const char *path;
-	int fd;
+	int fd;				/* -1: none */
 	struct stat st;			/* of fd */
 	bool ours;			/* we created it or wrote our PID in it */
-} pidfile = { NULL, -1, { 0 }, false };
+};
 
 /* Same file: the same inode, or the same block device through any node. */
 static bool same_file(const struct stat *a, const struct stat *b)
@@ -2523,48 +3365,48 @@ static bool same_file(const struct stat *a, const struct stat *b)
 	return a->st_dev == b->st_dev && a->st_ino == b->st_ino;
 }
 
-/* Open an existing pidfile or create a new one (then pidfile.ours); never
+/* Open an existing pidfile or create a new one (then pf->ours); never
  * truncate.  O_NONBLOCK: a FIFO without a reader must not hang us.  A
  * dangling symbolic link is not followed (ENOENT): whoever can plant one
  * must not choose what root creates.  Returns the descriptor or -errno. */
-static int pidfile_open_path(void)
+static int pidfile_open_path(struct pidfile *pf)
 {
 	int flags = O_WRONLY | O_NONBLOCK | O_NOCTTY | O_CLOEXEC;
 	struct stat st;
 
 	for (;;) {
-		int fd = open(pidfile.path, flags);
+		int fd = open(pf->path, flags);
 
 		if (fd >= 0 || errno != ENOENT)
 			return fd < 0 ? -errno : fd;
-		fd = open(pidfile.path, flags | O_CREAT | O_EXCL, 0644);
-		pidfile.ours = fd >= 0;
+		fd = open(pf->path, flags | O_CREAT | O_EXCL, 0644);
+		pf->ours = fd >= 0;
 		if (fd >= 0 || errno != EEXIST)
 			return fd < 0 ? -errno : fd;
 		/* Created by someone else meanwhile, or a dangling link. */
-		if (lstat(pidfile.path, &st) == 0 && S_ISLNK(st.st_mode))
+		if (lstat(pf->path, &st) == 0 && S_ISLNK(st.st_mode))
 			return -ENOENT;
 	}
 }
 
-/* Lock the regular file open as pidfile.fd, waiting until 'deadline'.
+/* Lock the regular file open as pf->fd, waiting until 'deadline'.
  * Returns 1 if locked and still linked at its path, 0 if its owner removed
  * it meanwhile (open it again), -EWOULDBLOCK if another daemon still holds
  * it, -errno. */
-static int pidfile_lock(uint64_t deadline)
+static int pidfile_lock(struct pidfile *pf, uint64_t deadline)
 {
 	struct stat st;
-	int err = flock_until(pidfile.fd, deadline);
+	int err = flock_until(pf->fd, deadline);
 
 	if (err)
 		return err;
-	return stat(pidfile.path, &st) == 0 && same_file(&st, &pidfile.st);
+	return stat(pf->path, &st) == 0 && same_file(&st, &pf->st);
 }
 
 /* The first line of the pidfile, for "in use by process N". */
-static void pidfile_holder(char *buf, size_t cap)
+static void pidfile_holder(const struct pidfile *pf, char *buf, size_t cap)
 {
-	int fd = open(pidfile.path, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+	int fd = open(pf->path, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
 	ssize_t n = fd < 0 ? -1 : read(fd, buf, cap - 1);
 
 	buf[n > 0 ? n : 0] = '\0';
@@ -2576,89 +3418,89 @@ static void pidfile_holder(char *buf, size_t cap)
 /* A regular file we may overwrite: empty, or a PID and a newline (a
  * stale pidfile).  Anything else -- a log, the image's backing file, a
  * user's data -- is not ours to truncate. */
-static bool pidfile_overwritable(void)
+static bool pidfile_overwritable(const struct pidfile *pf)
 {
 	char buf[32];
 
-	if (pidfile.st.st_size == 0)
+	if (pf->st.st_size == 0)
 		return true;
-	if (pidfile.st.st_size >= (off_t)sizeof(buf))
+	if (pf->st.st_size >= (off_t)sizeof(buf))
 		return false;
-	pidfile_holder(buf, sizeof(buf));
+	pidfile_holder(pf, buf, sizeof(buf));
 	return *buf && strspn(buf, "0123456789") == strlen(buf) &&
-	       (off_t)strlen(buf) >= pidfile.st.st_size - 1;
+	       (off_t)strlen(buf) >= pf->st.st_size - 1;
 }
 
 /* Open and, if it is a regular file, lock 'path'.  Returns 0, -EBUSY when
  * another daemon holds it past PIDFILE_WAIT_MS (its PID in 'holder'),
  * -EEXIST when it holds something else than a PID, or -errno. */
-static int pidfile_open(const char *path, char *holder, size_t cap)
+static int pidfile_open(struct pidfile *pf, const char *path, char *holder, size_t cap)
 {
 	uint64_t deadline = now_ns() + PIDFILE_WAIT_MS * 1000000ull;
 	int ret;
 
-	pidfile.path = path;
+	pf->path = path;
 	do {
-		pidfile.ours = false;
-		pidfile.fd = pidfile_open_path();
-		if (pidfile.fd < 0)
-			return pidfile.fd;
-		if (fstat(pidfile.fd, &pidfile.st) < 0 || fcntl(pidfile.fd, F_SETFL, 0) < 0)
+		pf->ours = false;
+		pf->fd = pidfile_open_path(pf);
+		if (pf->fd < 0)
+			return pf->fd;
+		if (fstat(pf->fd, &pf->st) < 0 || fcntl(pf->fd, F_SETFL, 0) < 0)
 			ret = -errno;
 		else
-			ret = S_ISREG(pidfile.st.st_mode) ? pidfile_lock(deadline) : 1;
+			ret = S_ISREG(pf->st.st_mode) ? pidfile_lock(pf, deadline) : 1;
 		if (ret == -EWOULDBLOCK) {
-			pidfile_holder(holder, cap);
+			pidfile_holder(pf, holder, cap);
 			ret = -EBUSY;
-		} else if (ret == 1 && S_ISREG(pidfile.st.st_mode) && !pidfile_overwritable()) {
+		} else if (ret == 1 && S_ISREG(pf->st.st_mode) && !pidfile_overwritable(pf)) {
 			ret = -EEXIST;
 		}
 		if (ret <= 0) {
-			close(pidfile.fd);
-			pidfile.fd = -1;
+			close(pf->fd);
+			pf->fd = -1;
 		}
 	} while (ret == 0);
 	return ret < 0 ? ret : 0;
 }
 
 /* Write our PID; a regular file holds nothing else.  Returns 0 or -errno. */
-static int pidfile_write(void)
+static int pidfile_write(struct pidfile *pf)
 {
 	char buf[32];
 	int len = snprintf(buf, sizeof(buf), "%d\n", (int)getpid());
 	ssize_t n;
 
-	if (pidfile.fd < 0)
+	if (pf->fd < 0)
 		return 0;
-	if (S_ISREG(pidfile.st.st_mode)) {
-		if (ftruncate(pidfile.fd, 0) < 0)
+	if (S_ISREG(pf->st.st_mode)) {
+		if (ftruncate(pf->fd, 0) < 0)
 			return -errno;
-		pidfile.ours = true;
-		n = pwrite(pidfile.fd, buf, (size_t)len, 0);
+		pf->ours = true;
+		n = pwrite(pf->fd, buf, (size_t)len, 0);
 	} else {
-		n = write(pidfile.fd, buf, (size_t)len);
+		n = write(pf->fd, buf, (size_t)len);
 	}
 	n = n < 0 ? -errno : n == len ? 0 : -EIO;
 	/* A pipe or FIFO: its reader waits for EOF after the PID. */
-	if (!S_ISREG(pidfile.st.st_mode)) {
-		close(pidfile.fd);
-		pidfile.fd = -1;
+	if (!S_ISREG(pf->st.st_mode)) {
+		close(pf->fd);
+		pf->fd = -1;
 	}
 	return (int)n;
 }
 
 /* Remove the pidfile if it is ours and still there, then release it. */
-static void pidfile_remove(void)
+static void pidfile_remove(struct pidfile *pf)
 {
 	struct stat st;
 
-	if (pidfile.fd < 0)
+	if (pf->fd < 0)
 		return;
-	if (pidfile.ours && S_ISREG(pidfile.st.st_mode) && stat(pidfile.path, &st) == 0 &&
-	    same_file(&st, &pidfile.st))
-		unlink(pidfile.path);
-	close(pidfile.fd);
-	pidfile.fd = -1;
+	if (pf->ours && S_ISREG(pf->st.st_mode) && stat(pf->path, &st) == 0 &&
+	    same_file(&st, &pf->st))
+		unlink(pf->path);
+	close(pf->fd);
+	pf->fd = -1;
 }
 
 /* The daemon died before it could unmount: do not leave its dead mount.
@@ -2688,7 +3530,7 @@ static void unmount_dead(const char *mountpoint)
  * and the start counts as failed -- a caller that gave up never gets a
  * daemon it did not wait for, nor a parent that ignores it.
  */
-static int daemonize_wait(pid_t child, int rfd, const char *mountpoint)
+static int daemonize_wait(pid_t child, int rfd, const char *mountpoint, struct pidfile *pf)
 {
 	static const struct timespec tick = { 0, 100 * 1000000L };
 	struct pollfd pfd = { .fd = rfd, .events = POLLIN };
@@ -2725,40 +3567,51 @@ static int daemonize_wait(pid_t child, int rfd, const char *mountpoint)
 		log_err("daemon killed by signal %d during start-up", WTERMSIG(status));
 		unmount_dead(mountpoint);
 	}
-	pidfile_remove();
+	pidfile_remove(pf);
 	return 1;
 }
 
-/* Fork; the parent waits for the child's verdict and exits with it.
- * Returns 0 in the child, -errno if the pipe or the fork failed. */
-static int daemonize_begin(const char *mountpoint)
+/* Fork; the parent waits for the child's verdict and exits with it.  In
+ * the child, *ready_fd is the pipe daemonize_finish() releases the parent
+ * through.  The boundary of its errors: logs them.  Returns 0 in the
+ * child, -errno if the pipe or the fork failed. */
+static int daemonize_begin(const char *mountpoint, struct pidfile *pf, int *ready_fd)
 {
 	int p[2];
 	pid_t pid;
 
-	close_inherited_fds(pidfile.fd);
-	if (pipe2(p, O_CLOEXEC) < 0)
-		return -errno;
+	close_inherited_fds(pf->fd);
+	if (pipe2(p, O_CLOEXEC) < 0) {
+		int err = -errno;
+
+		log_err("daemonize: pipe: %s", strerror(-err));
+		return err;
+	}
 	pid = fork();
-	if (pid < 0)
-		return -errno;
+	if (pid < 0) {
+		int err = -errno;
+
+		log_err("daemonize: fork: %s", strerror(-err));
+		return err;
+	}
 	if (pid > 0) {
 		close(p[1]);
-		_exit(daemonize_wait(pid, p[0], mountpoint));
+		_exit(daemonize_wait(pid, p[0], mountpoint, pf));
 	}
 	close(p[0]);
-	ready_pipe = p[1];
+	*ready_fd = p[1];
 	setsid();
 	openlog("uexportd", LOG_PID, LOG_DAEMON);
 	return 0;
 }
 
-/* Start-up succeeded: release the parent and drop the terminal. */
-static void daemonize_finish(void)
+/* Start-up succeeded: release the parent waiting on 'ready_fd' (closed
+ * here; -1 in the foreground) and drop the terminal. */
+static void daemonize_finish(int ready_fd)
 {
 	int null;
 
-	if (ready_pipe < 0)
+	if (ready_fd < 0)
 		return;
 	log_syslog = true;
 	null = open("/dev/null", O_RDWR);
@@ -2769,10 +3622,9 @@ static void daemonize_finish(void)
 		if (null > STDERR_FILENO)
 			close(null);
 	}
-	if (write(ready_pipe, "", 1) != 1)
-		log_err("start-up handshake: %s", strerror(errno));
-	close(ready_pipe);
-	ready_pipe = -1;
+	if (write(ready_fd, "", 1) < 0)
+		log_err("start-up handshake with the parent: %s", strerror(errno));
+	close(ready_fd);
 }
 
 /* READY=1 to $NOTIFY_SOCKET (systemd Type=notify), no library needed. */
@@ -2797,11 +3649,11 @@ static void notify_ready(void)
 }
 
 /* Wait up to 'ms' for every serving thread to end. */
-static bool workers_wait(unsigned ms)
+static bool export_threads_wait(struct export *exp, unsigned ms)
 {
 	uint64_t deadline = now_ns() + (uint64_t)ms * 1000000u;
 
-	while (atomic_load(&workers_live) > 0) {
+	while (atomic_load(&exp->threads_live) > 0) {
 		if (now_ns() > deadline)
 			return false;
 		sleep_ms(10);
@@ -2845,14 +3697,14 @@ static int export_flush(const struct mount_opts *mo)
  * the connection is gone (ENODEV), never by being cancelled.  'flush':
  * the export is live and served, write its page cache back first.
  */
-static void shutdown_export(const struct mount_opts *mo, bool flush)
+static void shutdown_export(struct export *exp, const struct mount_opts *mo, bool flush)
 {
 	unsigned ours = mo->dev ? minor(mo->dev) : 0, top = 0;
 	int err;
 
 	if (flush && (err = export_flush(mo)) < 0)
 		log_err("write-back of %s before unmounting: %s", mo->target, strerror(-err));
-	stopping = true;
+	exp->stopping = true;
 	/* Still mounted even if every thread is gone (an abort): a dead mount
 	 * must not outlive us.  Unmount only our own connection: something
 	 * mounted over it since (a bind mount) is not ours to take down. */
@@ -2865,10 +3717,88 @@ static void shutdown_export(const struct mount_opts *mo, bool flush)
 	} else if (ours) {
 		log_info("%s is no longer our mount on top: not unmounting it", mo->target);
 	}
-	if (!workers_wait(SHUTDOWN_GRACE_MS) && mo->privileged && ours) {
+	if (!export_threads_wait(exp, SHUTDOWN_GRACE_MS) && mo->privileged && ours) {
 		log_info("clients still hold %s: aborting the connection", mo->target);
 		fuse_abort_connection(ours);
 	}
+}
+
+/*
+ * Stop and flush the image.  The pidfile goes first: once the mount is
+ * gone, a successor may start and take the same path.  Returns 0, or the
+ * -errno of the image's final fsync (acknowledged writes may be lost),
+ * logged here.
+ */
+static int stop_export(struct export *exp, const struct mount_opts *mo, struct pidfile *pf,
+		       bool flush)
+{
+	int err = 0;
+
+	pidfile_remove(pf);
+	shutdown_export(exp, mo, flush);
+	devfuse_join(exp);
+	ring_pool_join(exp->rings);
+	if (exp->img.writable && (err = image_sync(&exp->img, false)) < 0)
+		log_err("flush %s: %s", exp->img.path, strerror(-err));
+	return err;
+}
+
+/* Wait for a stop signal, or for a serving thread to end (an unmount, a
+ * fatal error).  Returns true if every thread still serves. */
+static bool export_wait_stop(struct export *exp)
+{
+	int threads = atomic_load(&exp->threads_live);
+	siginfo_t si;
+	sigset_t set;
+
+	sigemptyset(&set);
+	sigaddset(&set, SIGINT);
+	sigaddset(&set, SIGTERM);
+	sigaddset(&set, SIGHUP);
+	sigaddset(&set, SIGUSR1);
+	for (;;) {
+		if (sigwaitinfo(&set, &si) < 0)
+			continue;
+		if (si.si_signo != SIGUSR1) {
+			log_info("signal %d: shutting down", si.si_signo);
+			break;
+		}
+		if (atomic_load(&exp->threads_live) < threads)
+			break;		/* unmounted, or a thread failed */
+	}
+	return atomic_load(&exp->threads_live) == threads;
+}
+
+/*
+ * Start the export, go live (pidfile, the parent released through
+ * 'ready_fd', READY=1), serve until stopped, stop.  Returns 0, or -errno
+ * of a failed start or of the final flush (both logged).
+ */
+static int serve(struct export *exp, struct options *o, struct pidfile *pf, int ready_fd)
+{
+	struct mount_opts mo = {
+		.source = o->image, .target = o->mountpoint_abs,
+		.allow_other = o->allow_other != TRI_OFF, .privileged = geteuid() == 0,
+	};
+	struct startup st = { .o = o };
+	int err = start_export(exp, &st, &mo);
+
+	if (!err && (err = pidfile_write(pf)) < 0)
+		log_err("pidfile %s: %s", o->pidfile, strerror(-err));
+	if (!err)
+		log_startup(exp, o, st.reason);
+	if (o->mountpoint_lock >= 0)
+		close(o->mountpoint_lock);
+	if (err) {
+		if (exp->dev_fd >= 0)
+			stop_export(exp, &mo, pf, false);
+		return err;
+	}
+	daemonize_finish(ready_fd);
+	notify_ready();
+	/* After an unmount the kernel has written its page cache back; a
+	 * read-only export has none to write. */
+	return stop_export(exp, &mo, pf, export_wait_stop(exp) && exp->img.writable);
 }
 
 /* ======================================================================
@@ -3015,488 +3945,57 @@ static int parse_options(int argc, char **argv, struct options *o)
 	return 0;
 }
 
-/*
- * Serialize start-ups on one mount point: the check that it is not mounted
- * and our mount are two steps, and two daemons started together would both
- * pass the check and stack.  An flock on the file there (the file
- * underneath, or a winner's export once mounted) is held from the check
- * until the export is live or has failed (see serve).  Best effort when
- * the file cannot be opened for reading.  Returns 0, or -EWOULDBLOCK after
- * MOUNTPOINT_LOCK_MS (longer than any start-up waits).
- */
-#define MOUNTPOINT_LOCK_MS	(RING_READY_TIMEOUT_MS + 5000)
-
-static int mountpoint_lock(struct options *o)
-{
-	int err;
-
-	o->mountpoint_lock = open(o->mountpoint_abs, O_RDONLY | O_NONBLOCK | O_NOCTTY | O_CLOEXEC);
-	if (o->mountpoint_lock < 0)
-		return 0;
-	err = flock_until(o->mountpoint_lock, now_ns() + MOUNTPOINT_LOCK_MS * 1000000ull);
-	if (err) {
-		close(o->mountpoint_lock);
-		o->mountpoint_lock = -1;
-	}
-	return err == -EWOULDBLOCK ? err : 0;
-}
-
-/* The mount point must be an existing regular file. */
-static int check_mountpoint(struct options *o)
-{
-	struct stat *st = &o->mountpoint_st;
-
-	if (stat(o->mountpoint, st) < 0) {
-		log_err("mount point %s: %s", o->mountpoint, strerror(errno));
-		return -errno;
-	}
-	if (!S_ISREG(st->st_mode)) {
-		log_err("mount point %s: %s", o->mountpoint, S_ISDIR(st->st_mode) ?
-			"is a directory (it must be a regular file)" : "not a regular file");
-		return -EINVAL;
-	}
-	if (!realpath(o->mountpoint, o->mountpoint_abs)) {
-		log_err("mount point %s: %s", o->mountpoint, strerror(errno));
-		return -errno;
-	}
-	return 0;
-}
-
-/* Take the mount point: locked against other start-ups, not mounted yet. */
-static int claim_mountpoint(struct options *o)
-{
-	if (mountpoint_lock(o) < 0) {
-		log_err("mount point %s: another uexportd is still starting on it", o->mountpoint);
-		return -EBUSY;
-	}
-	if (mount_lookup(o->mountpoint_abs, NULL) == 1) {
-		log_err("mount point %s: already a mount point", o->mountpoint);
-		return -EBUSY;
-	}
-	return 0;
-}
-
 /* The daemon writes its pidfile: it must be neither the image nor the
  * mount point, by whatever name (a link, /dev/fd/N, another device node),
  * nor a disk or another export (the root file of a FUSE mount). */
-static int pidfile_check(const struct options *o)
+static int pidfile_check(const struct pidfile *pf, const struct options *o,
+			 const struct image *img)
 {
 	struct statfs sfs;
 	struct stat st;
 
-	if (pidfile.fd < 0)
+	if (pf->fd < 0)
 		return 0;
-	if (S_ISBLK(pidfile.st.st_mode) ||
-	    (pidfile.st.st_ino == FUSE_ROOT_ID && fstatfs(pidfile.fd, &sfs) == 0 &&
+	if (S_ISBLK(pf->st.st_mode) ||
+	    (pf->st.st_ino == FUSE_ROOT_ID && fstatfs(pf->fd, &sfs) == 0 &&
 	     sfs.f_type == FUSE_SUPER_MAGIC)) {
 		log_err("pidfile %s: is a %s", o->pidfile,
-			S_ISBLK(pidfile.st.st_mode) ? "block device" : "FUSE export");
+			S_ISBLK(pf->st.st_mode) ? "block device" : "FUSE export");
 		return -EINVAL;
 	}
-	if (img.fd >= 0 && fstat(img.fd, &st) == 0 && same_file(&st, &pidfile.st)) {
+	if (img->nr_fds && fstat(img->fds[IMAGE_FD_MAIN], &st) == 0 && same_file(&st, &pf->st)) {
 		log_err("pidfile %s: is the image %s", o->pidfile, o->image);
 		return -EINVAL;
 	}
-	if (same_file(&o->mountpoint_st, &pidfile.st)) {
+	if (same_file(&o->mountpoint_st, &pf->st)) {
 		log_err("pidfile %s: is the mount point %s", o->pidfile, o->mountpoint);
 		return -EINVAL;
 	}
 	return 0;
 }
 
-static int open_image(const struct options *o)
+/* Open the pidfile given with -p; the boundary of its errors.  Returns 0
+ * or -errno. */
+static int open_pidfile(struct pidfile *pf, const char *path)
 {
-	int err;
-
-	img.writable = o->writable;
-	img.growable = o->growable;
-	img.direct = o->direct;
-	img.mode = o->writable ? 0600 : 0400;
-	img.uid = getuid();
-	img.gid = getgid();
-	img.allow_chown = o->allow_other != TRI_OFF;
-	err = image_open(o->image);
-	if (!err && o->passthrough && img.backend != BACKEND_FILE) {
-		log_err("--passthrough needs a regular-file image");
-		return -EINVAL;
-	}
-	/* The export's size is always what the image can hold. */
-	if (!err && o->growable && img.backend == BACKEND_BLOCKDEV) {
-		log_err("--growable: %s is a block device, whose size is fixed", o->image);
-		return -EINVAL;
-	}
-	img.passthrough = o->passthrough;
-	if (err == -EINVAL && strncmp(o->image, "null:", 5) == 0)
-		log_err("invalid image '%s' (expected null:SIZE, e.g. null:1G)", o->image);
-	else if (err == -EINVAL)
-		log_err("%s: not a regular file or block device", o->image);
-	else if (err)
-		log_err("open %s: %s", o->image, strerror(-err));
-	return err;
-}
-
-/*
- * Fit the request buffers in the memory budget.  io_uring needs 'depth'
- * payload buffers of max_write bytes for each of 'units' queues (one per
- * possible CPU: 256 CPUs x 64 x 1 MiB would be 16 GiB); /dev/fuse threads
- * need two each.  Shrink depth to 16 first, then the payload down to
- * MIN_PAYLOAD, then depth again.  Buffers are faulted in only when used, so
- * this bounds the worst case, not the usual RSS.
- */
-static void memory_plan(uint64_t budget, unsigned units, unsigned *depth, uint32_t *payload)
-{
-	*payload = MAX_PAYLOAD;
-	while ((uint64_t)units * *depth * *payload > budget) {
-		if (*depth > 16)
-			*depth = *depth / 2 < 16 ? 16 : *depth / 2;
-		else if (*payload > MIN_PAYLOAD)
-			*payload /= 2;
-		else if (*depth > 1)
-			(*depth)--;
-		else
-			break;		/* over budget even at the minimum */
-	}
-}
-
-static void memory_plan_log(uint64_t budget, unsigned units, unsigned depth, uint32_t payload)
-{
-	log_info("memory: %u x %u buffers of %u KiB = %llu MiB (budget %llu MiB)",
-		 units, depth, payload >> 10,
-		 (unsigned long long)((uint64_t)units * depth * payload >> 20),
-		 (unsigned long long)(budget >> 20));
-}
-
-/* Register the image as the backing file every OPEN will name (root only:
- * the kernel wants CAP_SYS_ADMIN). */
-static int passthrough_open(void)
-{
-	struct fuse_backing_map map = { .fd = img.fd };
-	int id = ioctl(fuse_dev_fd, FUSE_DEV_IOC_BACKING_OPEN, &map);
-
-	if (id < 0) {
-		log_err("--passthrough: register %s as backing file: %s%s", img.path,
-			strerror(errno), errno == EPERM ? " (needs root)" : "");
-		return -errno;
-	}
-	img.backing_id = id;
-	return 0;
-}
-
-/* Why the kernel did not offer FUSE_OVER_IO_URING. */
-static const char *uring_unavailable_reason(void)
-{
-	char v[8];
-
-	if (read_small_file("/sys/module/fuse/parameters/enable_uring", v, sizeof(v)) <= 0)
-		return "kernel has no FUSE-over-io_uring (needs Linux 6.14+)";
-	if (v[0] != 'Y')
-		return "enable_uring is off";
-	return "kernel did not offer FUSE_OVER_IO_URING";
-}
-
-/*
- * Read FUSE_INIT from the fresh connection and answer it, setting up the
- * io_uring queues first when wanted: FUSE_OVER_IO_URING may be offered in
- * the reply only once every ring and buffer exists (the kernel blocks all
- * requests until the rings are ready), and REGISTERs may go out only after
- * the reply is written.  On return *reason is NULL if the rings are
- * registered, else why the export runs on /dev/fuse.
- */
-static int fuse_handshake(const struct options *o, unsigned nr_cpus, const char **reason)
-{
-	static char why[128];
-	char *buf = malloc(FUSE_MIN_READ_BUFFER);
-	struct {
-		struct fuse_out_header hdr;
-		struct fuse_init_out init;
-	} reply;
-	const struct fuse_in_header *in = (const void *)buf;
-	const struct fuse_init_in *init = (const void *)(in + 1);
-	uint32_t payload;
-	bool uring = false;
-	ssize_t n;
-	int err;
-
-	if (!buf)
-		return -ENOMEM;
-	do {
-		n = read(fuse_dev_fd, buf, FUSE_MIN_READ_BUFFER);
-	} while (n < 0 && errno == EINTR);
-	err = n < 0 ? -errno : 0;
-	if (!err && ((size_t)n < sizeof(*in) + sizeof(*init) || in->opcode != FUSE_INIT))
-		err = -EPROTO;
-	*reason = "--io-uring=off";
-	if (!err && o->io_uring != TRI_OFF) {
-		bool offered = (init->flags & FUSE_INIT_EXT) &&
-			       ((uint64_t)init->flags2 << 32 & FUSE_OVER_IO_URING);
-		int nq = possible_cpus(), uerr = -EOPNOTSUPP;
-
-		*reason = uring_unavailable_reason();
-		if (offered && nq < 0) {
-			*reason = "cannot read /sys/devices/system/cpu/possible";
-			offered = false;
-		}
-		if (offered) {
-			memory_plan(o->max_memory, (unsigned)nq, &uring_depth, &payload);
-			memory_plan_log(o->max_memory, (unsigned)nq, uring_depth, payload);
-			err = fuse_init(init, &reply.init, payload, nr_cpus);
-			uerr = err ? err : uring_setup((unsigned)nq, reason);
-		}
-		if (offered && uerr) {
-			snprintf(why, sizeof(why), "%s: %s", *reason, strerror(-uerr));
-			*reason = why;
-		}
-		uring = !uerr;
-		if (uring)
-			reply.init.flags2 |= (uint32_t)(FUSE_OVER_IO_URING >> 32);
-	}
-	if (!err && !uring) {
-		unsigned two = 2;
-
-		memory_plan(o->max_memory, nr_cpus, &two, &payload);
-		memory_plan_log(o->max_memory, nr_cpus, two, payload);
-		err = fuse_init(init, &reply.init, payload, nr_cpus);
-	}
-	reply.hdr.len = err ? sizeof(reply.hdr) : sizeof(reply);
-	reply.hdr.error = err;
-	reply.hdr.unique = n > 0 ? in->unique : 0;
-	if (n > 0 && write(fuse_dev_fd, &reply, reply.hdr.len) < 0 && !err)
-		err = -errno;
-	free(buf);
-	if (err == -EOPNOTSUPP && img.passthrough)
-		log_err("--passthrough: the kernel does not offer FUSE passthrough "
-			"(needs Linux 6.9+ with CONFIG_FUSE_PASSTHROUGH)");
-	if (!err && img.passthrough)
-		err = passthrough_open();
-	if (uring && !err) {
-		int rerr = uring_register_all();
-
-		*reason = NULL;
-		if (rerr) {
-			/* The kernel has downgraded the connection to /dev/fuse. */
-			snprintf(why, sizeof(why), "io_uring REGISTER failed: %s", strerror(-rerr));
-			*reason = why;
-		}
-	} else if (uring) {
-		uring_set_go(0);
-		uring_join();
-		nr_ring_queues = 0;
-	}
-	return err;
-}
-
-/*
- * Ask for our own attributes: the GETATTR must come through a ring, else
- * the kernel is not using them (a silent downgrade we must not hide).  The
- * stat runs in a helper thread so a ring that never becomes ready (every
- * request would block in the kernel) fails start-up instead of hanging it;
- * the helper only touches static data, so it may outlive a failed start.
- * Returns 1 if served by a ring, 0 if not, -ETIMEDOUT.
- */
-static struct {
-	pthread_mutex_t lock;
-	pthread_cond_t cond;
-	char path[PATH_MAX];
-	bool done;
-} probe = { PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, "", false };
-
-static void *probe_main(void *arg)
-{
-	struct stat st;
-
-	(void)arg;
-	stat(probe.path, &st);
-	pthread_mutex_lock(&probe.lock);
-	probe.done = true;
-	pthread_cond_signal(&probe.cond);
-	pthread_mutex_unlock(&probe.lock);
-	return NULL;
-}
-
-static int uring_confirmed(const struct options *o)
-{
-	struct timespec deadline;
-	pthread_t t;
-	int err = 0;
-
-	snprintf(probe.path, sizeof(probe.path), "%s", o->mountpoint_abs);
-	if (pthread_create(&t, NULL, probe_main, NULL))
-		return 0;
-	pthread_detach(t);
-	clock_gettime(CLOCK_REALTIME, &deadline);
-	deadline.tv_sec += RING_READY_TIMEOUT_MS / 1000;
-	pthread_mutex_lock(&probe.lock);
-	while (!probe.done && err != ETIMEDOUT)
-		err = pthread_cond_timedwait(&probe.cond, &probe.lock, &deadline);
-	pthread_mutex_unlock(&probe.lock);
-	if (!probe.done)
-		return -ETIMEDOUT;
-	return uring_served() > 0;
-}
-
-static void log_startup(const struct options *o, const char *reason)
-{
-	char line[1024], how[256];
-
-	if (reason)
-		snprintf(how, sizeof(how), "transport=dev-fuse threads=%u reason=%s",
-			 nr_workers, reason);
-	else
-		snprintf(how, sizeof(how), "transport=uring queues=%u depth=%u",
-			 nr_ring_queues, uring_depth);
-	snprintf(line, sizeof(line), "%s (%llu bytes, %s%s%s) on %s: %s",
-		 o->image, (unsigned long long)img.size, img.writable ? "rw" : "ro",
-		 img.growable ? ",growable" : "", img.passthrough ? ",passthrough" : "",
-		 o->mountpoint, how);
-	/* Foreground, or -v: on stderr.  Daemonized: also syslog. */
-	if (o->foreground || log_verbose)
-		fprintf(stderr, "uexportd: %s\n", line);
-	if (!o->foreground)
-		syslog(LOG_INFO, "%s", line);
-	if (!reason)
-		log_info("io_uring: setup flags %s, payload %u bytes per entry, "
-			 "copies of %u KiB+ on io-wq: %s", uring_flags_granted, fuse_max_write,
-			 OFFLOAD_MIN_BYTES >> 10, ring_offload_cpus ? "other CPUs" : "off (one CPU)");
-}
-
-static int mount_error(const struct mount_opts *mo, const struct options *o, int err)
-{
-	if (err == -ENOENT && mo->privileged)
-		log_err("open /dev/fuse: %s (is the fuse module loaded?)", strerror(-err));
-	else if (err == -ENOENT)
-		log_err("fusermount3 not found: install fuse3 or run as root");
-	else
-		log_err("mount on %s: %s", o->mountpoint, strerror(-err));
-	return err;
-}
-
-/* Mount, negotiate, start the transports; returns once serving. */
-static int start_export(struct options *o, struct mount_opts *mo)
-{
-	const char *reason;
-	int cpus[CPU_SETSIZE];
-	int err;
-
-	uring_depth = o->queue_depth;
-	if (o->io_uring == TRI_ON && strcmp(uring_unavailable_reason(), "enable_uring is off") == 0) {
-		log_err("--io-uring=on: FUSE-over-io_uring is off "
-			"(echo Y > /sys/module/fuse/parameters/enable_uring)");
-		return -EOPNOTSUPP;
-	}
-	fuse_dev_fd = mount_export(mo, o->allow_other == TRI_AUTO);
-	if (fuse_dev_fd < 0)
-		return mount_error(mo, o, fuse_dev_fd);
-	err = fuse_handshake(o, cpu_list(cpus, CPU_SETSIZE), &reason);
-	/* /dev/fuse threads run in io_uring mode too: FORGET and INTERRUPT
-	 * always arrive there, and so does everything after a downgrade. */
-	if (!err)
-		err = devfuse_start();
-	if (!err && !reason) {
-		int ok = uring_confirmed(o);
-
-		if (ok == 0)
-			reason = "kernel did not deliver requests through the rings";
-		if (ok < 0) {
-			log_err("io_uring: the kernel did not make the rings ready in %d s",
-				RING_READY_TIMEOUT_MS / 1000);
-			err = ok;
-		}
-	}
-	if (!err && reason && o->io_uring == TRI_ON) {
-		log_err("--io-uring=on: FUSE-over-io_uring unavailable: %s", reason);
-		err = -EOPNOTSUPP;
-	} else if (err) {
-		log_err("start on %s: %s", o->mountpoint, strerror(-err));
-	}
-	if (!err) {
-		struct stat st;
-
-		/* Served now: the stat cannot hang. */
-		err = stat(mo->target, &st) < 0 ? -errno : 0;
-		mo->dev = st.st_dev;
-		if (err)
-			log_err("stat %s: %s", o->mountpoint, strerror(-err));
-	}
-	if (!err && (err = pidfile_write()) < 0)
-		log_err("pidfile %s: %s", o->pidfile, strerror(-err));
-	if (!err)
-		log_startup(o, reason);
-	return err;
-}
-
-/*
- * Stop and flush the image.  The pidfile goes first: once the mount is
- * gone, a successor may start and take the same path.  Returns 0, or the
- * -errno of the image's final fsync (acknowledged writes may be lost).
- */
-static int stop_export(const struct options *o, const struct mount_opts *mo, bool flush)
-{
-	int err = 0;
-
-	pidfile_remove();
-	shutdown_export(mo, flush);
-	devfuse_join();
-	uring_join();
-	if (img.writable && (err = image_sync(false)) < 0)
-		log_err("flush %s: %s", o->image, strerror(-err));
-	return err;
-}
-
-static int serve(struct options *o)
-{
-	struct mount_opts mo = {
-		.source = o->image, .target = o->mountpoint_abs,
-		.allow_other = o->allow_other != TRI_OFF, .privileged = geteuid() == 0,
-	};
-	siginfo_t si;
-	sigset_t set;
-	int err, threads;
-
-	err = start_export(o, &mo);
-	if (o->mountpoint_lock >= 0)
-		close(o->mountpoint_lock);
-	if (err) {
-		if (fuse_dev_fd >= 0)
-			stop_export(o, &mo, false);
-		return err;
-	}
-	daemonize_finish();
-	notify_ready();
-
-	sigemptyset(&set);
-	sigaddset(&set, SIGINT);
-	sigaddset(&set, SIGTERM);
-	sigaddset(&set, SIGHUP);
-	sigaddset(&set, SIGUSR1);
-	threads = atomic_load(&workers_live);
-	for (;;) {
-		if (sigwaitinfo(&set, &si) < 0)
-			continue;
-		if (si.si_signo != SIGUSR1) {
-			log_info("signal %d: shutting down", si.si_signo);
-			break;
-		}
-		if (atomic_load(&workers_live) < threads)
-			break;		/* unmounted, or a thread failed */
-	}
-	/* After an unmount the kernel has written its page cache back; a
-	 * read-only export has none to write. */
-	return stop_export(o, &mo, img.writable && atomic_load(&workers_live) == threads);
-}
-
-int main(int argc, char **argv)
-{
-	struct options o = { .mountpoint_lock = -1 };
 	char holder[32];
+	int err = pidfile_open(pf, path, holder, sizeof(holder));
+
+	if (err == -EBUSY)
+		log_err("pidfile %s: in use by process %s", path, *holder ? holder : "(unknown)");
+	else if (err == -EEXIST)
+		log_err("pidfile %s: holds something other than a PID; not overwritten", path);
+	else if (err)
+		log_err("pidfile %s: %s", path, strerror(-err));
+	return err;
+}
+
+/* Block the signals taken with sigwaitinfo, before any thread exists:
+ * threads inherit the mask. */
+static void block_signals(void)
+{
 	sigset_t set;
-	int err = 0;
 
-	stdio_reserve();
-	if (parse_options(argc, argv, &o) < 0)
-		return 2;
-
-	/* Block the signals we take with sigwaitinfo before any thread exists:
-	 * threads inherit the mask. */
 	sigemptyset(&set);
 	sigaddset(&set, SIGINT);
 	sigaddset(&set, SIGTERM);
@@ -3504,26 +4003,30 @@ int main(int argc, char **argv)
 	sigaddset(&set, SIGUSR1);
 	sigaddset(&set, SIGPIPE);
 	pthread_sigmask(SIG_BLOCK, &set, NULL);
-	main_thread = pthread_self();
+}
 
-	if (o.pidfile && (err = pidfile_open(o.pidfile, holder, sizeof(holder))) < 0) {
-		if (err == -EBUSY)
-			log_err("pidfile %s: in use by process %s", o.pidfile,
-				*holder ? holder : "(unknown)");
-		else if (err == -EEXIST)
-			log_err("pidfile %s: holds something other than a PID; not overwritten",
-				o.pidfile);
-		else
-			log_err("pidfile %s: %s", o.pidfile, strerror(-err));
+int main(int argc, char **argv)
+{
+	struct options o = { .mountpoint_lock = -1 };
+	struct pidfile pf = { .fd = -1 };
+	struct export exp = { .dev_fd = -1 };
+	int ready_fd = -1;
+	int err = 0;
+
+	stdio_reserve();
+	if (parse_options(argc, argv, &o) < 0)
+		return 2;
+	block_signals();
+	exp.main_thread = pthread_self();
+	if (o.pidfile && open_pidfile(&pf, o.pidfile) < 0)
 		return 1;
-	}
-	if (!o.foreground && (err = daemonize_begin(o.mountpoint)) < 0)
-		log_err("daemonize: %s", strerror(-err));
-	if (!err && (open_image(&o) < 0 || check_mountpoint(&o) < 0 || pidfile_check(&o) < 0 ||
-		     claim_mountpoint(&o) < 0))
+	if (!o.foreground)
+		err = daemonize_begin(o.mountpoint, &pf, &ready_fd);
+	if (!err && (open_image(&exp, &o) < 0 || check_mountpoint(&o) < 0 ||
+		     pidfile_check(&pf, &o, &exp.img) < 0 || claim_mountpoint(&o) < 0))
 		err = -EINVAL;
 	if (!err)
-		err = serve(&o);
-	pidfile_remove();
+		err = serve(&exp, &o, &pf, ready_fd);
+	pidfile_remove(&pf);
 	return err < 0 ? 1 : 0;
 }
