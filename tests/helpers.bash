@@ -23,6 +23,45 @@ wait_until() {
 	done
 }
 
+# cpu_list_ids LIST: the CPU ids of a kernel CPU list ("0", "0-3,8-11",
+# "0,2-5": the format of /sys/devices/system/cpu/possible and of
+# taskset -pc), one per line.  Fails on anything else.
+cpu_list_ids() {
+	awk -v list="$1" 'BEGIN {
+		sub(/[ \t\n]+$/, "", list)	# as read from sysfs
+		n = split(list, part, ",")
+		if (n == 0) { print "empty CPU list" > "/dev/stderr"; exit 1 }
+		for (i = 1; i <= n; i++) {
+			if (part[i] !~ /^[0-9]+(-[0-9]+)?$/) {
+				print "bad CPU list: " list > "/dev/stderr"; exit 1
+			}
+			split(part[i], r, "-")
+			a = r[1] + 0; b = (part[i] ~ /-/) ? r[2] + 0 : a
+			if (b < a) { print "bad CPU list: " list > "/dev/stderr"; exit 1 }
+			for (c = a; c <= b; c++) print c
+		}
+	}'
+}
+
+# cpu_list_count LIST: how many CPUs a kernel CPU list names.
+cpu_list_count() {
+	local ids
+	ids=$(cpu_list_ids "$1") || return 1
+	wc -l <<<"$ids"
+}
+
+# possible_cpus: the number of possible CPUs, the daemon's io_uring queue
+# count (not the highest id + 1: ids may have gaps, e.g. 0-3,8-11).
+possible_cpus() { cpu_list_count "$(cat /sys/devices/system/cpu/possible)"; }
+
+# allowed_cpus: the ids of the CPUs this test may run on (its affinity,
+# online ones only, as taskset -pc reports them), one per line.
+allowed_cpus() {
+	local list
+	list=$(taskset -pc "$BASHPID") || return 1
+	cpu_list_ids "${list##*: }"
+}
+
 is_mounted() { grep -q " $(realpath "$1") fuse" /proc/mounts; }
 not_mounted() { ! is_mounted "$1"; }
 pid_gone() { ! kill -0 "$1" 2>/dev/null; }
