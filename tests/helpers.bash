@@ -62,6 +62,26 @@ allowed_cpus() {
 	cpu_list_ids "${list##*: }"
 }
 
+# expected_memory_plan BUDGET UNITS DEPTH: "DEPTH PAYLOAD" as uexportd's
+# memory_plan() fits UNITS queues x DEPTH entries x PAYLOAD bytes (1 MiB at
+# most) in BUDGET bytes: depth halves down to 16, then the payload halves
+# down to 128 KiB, then depth drops by one down to 1.
+expected_memory_plan() {
+	local budget=$1 units=$2 depth=$3 payload=$((1 << 20))
+	while (( units * depth * payload > budget )); do
+		if (( depth > 16 )); then
+			depth=$(( depth / 2 < 16 ? 16 : depth / 2 ))
+		elif (( payload > 128 << 10 )); then
+			payload=$(( payload / 2 ))
+		elif (( depth > 1 )); then
+			depth=$(( depth - 1 ))
+		else
+			break
+		fi
+	done
+	echo "$depth $payload"
+}
+
 is_mounted() { grep -q " $(realpath "$1") fuse" /proc/mounts; }
 not_mounted() { ! is_mounted "$1"; }
 pid_gone() { ! kill -0 "$1" 2>/dev/null; }
