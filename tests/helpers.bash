@@ -117,12 +117,20 @@ stop_export() {
 	[ ! -e "$PIDFILE" ] || { echo "pidfile left behind" >&2; return 1; }
 }
 
+# teardown: whatever the test left (it may have failed half-way).  A test
+# file that holds more (a device-mapper table, a kernel parameter it
+# flipped) defines teardown_hook, not its own teardown: the hook runs once
+# the daemon is dead and the mounts are gone, before the loop device (LOOP)
+# is detached and /dev/fuse's mode (FUSE_DEV_MODE) restored.
 teardown() {
 	local pid
-	[ -f "$PIDFILE" ] && pid=$(cat "$PIDFILE") && kill -9 "$pid" 2>/dev/null
+	# Dead, not just signalled: its image (a device) may be removed next.
+	[ -f "$PIDFILE" ] && pid=$(cat "$PIDFILE") && kill -9 "$pid" 2>/dev/null &&
+		wait_until 5 pid_gone "$pid"
 	for m in $(grep " $BATS_TEST_TMPDIR" /proc/mounts | awk '{print $2}' | sort -r); do
 		umount -l "$m" 2>/dev/null || true
 	done
+	if declare -F teardown_hook >/dev/null; then teardown_hook || true; fi
 	[ -n "${LOOP:-}" ] && losetup -d "$LOOP" 2>/dev/null
 	[ -n "${FUSE_DEV_MODE:-}" ] && chmod "$FUSE_DEV_MODE" /dev/fuse
 	true
