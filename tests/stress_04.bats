@@ -3,6 +3,18 @@
 
 load helpers
 
+# The unprivileged test works in its own /tmp directory (nobody must be able
+# to reach it), outside what helpers' teardown cleans: after a failure
+# its daemon, its mount and the directory would stay behind.
+teardown_hook() {
+	local pid
+	[ -n "${USER_DIR:-}" ] || return 0
+	[ -f "$USER_DIR/pid" ] && pid=$(cat "$USER_DIR/pid") && kill -9 "$pid" 2>/dev/null &&
+		wait_until 5 pid_gone "$pid"
+	umount -l "$USER_DIR/mnt" 2>/dev/null
+	rm -rf "$USER_DIR"
+}
+
 @test "fio: concurrent verified writers on every CPU" {
 	require_root
 	require_cmd fio
@@ -127,6 +139,7 @@ load helpers
 	FUSE_DEV_MODE=$(stat -c %a /dev/fuse)	# restored by teardown
 	chmod 0666 /dev/fuse
 	d=$(mktemp -d /tmp/uexportd-user.XXXXXX)
+	USER_DIR=$d	# removed by teardown_hook
 	chown 65534:65534 "$d"
 	random_file "$d/img" 1M
 	touch "$d/mnt"
