@@ -18,10 +18,12 @@ teardown_hook() {
 @test "fio: concurrent verified writers on every CPU" {
 	require_root
 	require_cmd fio
-	truncate -s 256M "$IMG"
+	jobs=$(nproc)
+	# A 64M region per job (32M written in each): the export cannot grow.
+	truncate -s $(( jobs > 4 ? jobs * 64 : 256 ))M "$IMG"
 	start_export -w "$IMG" "$MNT"
 	run fio --name=verify --filename="$MNT" --direct=1 --ioengine=libaio --iodepth=32 \
-		--rw=randwrite --bs=4k --bsrange=512-64k --numjobs="$(nproc)" --size=32M \
+		--rw=randwrite --bs=4k --bsrange=512-64k --numjobs="$jobs" --size=32M \
 		--offset_increment=64M --verify=crc32c --verify_state_save=0 --verify_fatal=1 --do_verify=1 \
 		--randrepeat=0 --group_reporting
 	echo "$output" | tail -5
@@ -47,13 +49,15 @@ teardown_hook() {
 @test "fio: requests up to 1 MiB with verify, image on disk and on tmpfs" {
 	require_root
 	require_cmd fio
-	local shm
+	local shm jobs
+	jobs=$(nproc)
 	shm=$(mktemp -d /dev/shm/uexportd-test.XXXXXX)
 	for img in "$IMG" "$shm/disk.raw"; do
-		truncate -s 64M "$img"
+		# A 32M region per job (24M used in each): the export cannot grow.
+		truncate -s $(( jobs > 2 ? jobs * 32 : 64 ))M "$img"
 		start_export -w "$img" "$MNT"
 		run fio --name=big --filename="$MNT" --direct=1 --ioengine=io_uring --iodepth=8 \
-			--rw=randrw --bsrange=4k-1M --numjobs="$(nproc)" --size=24M \
+			--rw=randrw --bsrange=4k-1M --numjobs="$jobs" --size=24M \
 			--offset_increment=32M --verify=crc32c --verify_state_save=0 --verify_fatal=1 \
 			--randrepeat=0 --group_reporting
 		[ "$status" -eq 0 ] || { echo "$output"; rm -rf "$shm"; false; }
