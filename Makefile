@@ -13,6 +13,10 @@ FUZZ_SAN ?= -fsanitize=address,undefined -fno-sanitize-recover=all
 tests/fuzz: tests/fuzz.c uexportd.c fuse_kernel.h
 	$(CC) $(CFLAGS) $(FUZZ_SAN) -o $@ tests/fuzz.c $(LDLIBS)
 
+# Table-driven tests of the pure parsers (tests/unit.c), under the same sanitizers.
+tests/unit: tests/unit.c uexportd.c fuse_kernel.h
+	$(CC) $(CFLAGS) $(FUZZ_SAN) -o $@ tests/unit.c $(LDLIBS)
+
 uexportd: uexportd.c fuse_kernel.h
 	$(CC) $(CFLAGS) $(LDFLAGS) -o $@ uexportd.c $(LDLIBS)
 
@@ -36,10 +40,10 @@ tests/fsops: tests/fsops.c
 tests/nullfloor: tests/nullfloor.c fuse_kernel.h
 	$(CC) $(CFLAGS) -o $@ tests/nullfloor.c $(LDLIBS)
 
-check: all tests/fuzz
+check: all tests/fuzz tests/unit
 	tests/run.sh
 
-check-long: all tests/fuzz
+check-long: all tests/fuzz tests/unit
 	LONG=1 tests/run.sh
 
 demo: uexportd
@@ -52,6 +56,6 @@ install: uexportd
 	install -D -m 0755 uexportd $(DESTDIR)$(PREFIX)/bin/uexportd
 
 clean:
-	rm -rf uexportd uexportd-static uexportd-musl tests/fsops tests/fuzz tests/nullfloor .musl-include
+	rm -rf uexportd uexportd-static uexportd-musl tests/fsops tests/fuzz tests/unit tests/nullfloor .musl-include
 
 .PHONY: all static static-musl check check-long demo bench install clean

@@ -3,18 +3,12 @@
 
 load helpers
 
-setup() {
-	W=$BATS_TEST_TMPDIR; MNT=$W/disk.file; PIDFILE=$W/uexportd.pid; LOG=$W/uexportd.log
-	touch "$MNT"
-	LOOP=; DM=
-}
-
-teardown() {
+# helpers' teardown kills the daemon and unmounts, then runs this, then
+# detaches the loop device: the dm table over it must go first.
+teardown_hook() {
 	local pid
-	[ -f "$PIDFILE" ] && pid=$(cat "$PIDFILE") && kill -9 "$pid" 2>/dev/null
-	umount -l "$MNT" 2>/dev/null || true
-	[ -n "$DM" ] && dmsetup remove "$DM" 2>/dev/null
-	[ -n "$LOOP" ] && losetup -d "$LOOP" 2>/dev/null
+	[ -f "$W/inner.pid" ] && pid=$(cat "$W/inner.pid") && kill -9 "$pid" 2>/dev/null
+	[ -n "${DM:-}" ] && dmsetup remove --retry "$DM" 2>/dev/null
 	true
 }
 

@@ -23,6 +23,65 @@ wait_until() {
 	done
 }
 
+# cpu_list_ids LIST: the CPU ids of a kernel CPU list ("0", "0-3,8-11",
+# "0,2-5": the format of /sys/devices/system/cpu/possible and of
+# taskset -pc), one per line.  Fails on anything else.
+cpu_list_ids() {
+	awk -v list="$1" 'BEGIN {
+		sub(/[ \t\n]+$/, "", list)	# as read from sysfs
+		n = split(list, part, ",")
+		if (n == 0) { print "empty CPU list" > "/dev/stderr"; exit 1 }
+		for (i = 1; i <= n; i++) {
+			if (part[i] !~ /^[0-9]+(-[0-9]+)?$/) {
+				print "bad CPU list: " list > "/dev/stderr"; exit 1
+			}
+			split(part[i], r, "-")
+			a = r[1] + 0; b = (part[i] ~ /-/) ? r[2] + 0 : a
+			if (b < a) { print "bad CPU list: " list > "/dev/stderr"; exit 1 }
+			for (c = a; c <= b; c++) print c
+		}
+	}'
+}
+
+# cpu_list_count LIST: how many CPUs a kernel CPU list names.
+cpu_list_count() {
+	local ids
+	ids=$(cpu_list_ids "$1") || return 1
+	wc -l <<<"$ids"
+}
+
+# possible_cpus: the number of possible CPUs, the daemon's io_uring queue
+# count (not the highest id + 1: ids may have gaps, e.g. 0-3,8-11).
+possible_cpus() { cpu_list_count "$(cat /sys/devices/system/cpu/possible)"; }
+
+# allowed_cpus: the ids of the CPUs this test may run on (its affinity,
+# online ones only, as taskset -pc reports them), one per line.
+allowed_cpus() {
+	local list
+	list=$(taskset -pc "$BASHPID") || return 1
+	cpu_list_ids "${list##*: }"
+}
+
+# expected_memory_plan BUDGET UNITS DEPTH: "DEPTH PAYLOAD" as uexportd's
+# memory_plan() fits UNITS queues x DEPTH entries x PAYLOAD bytes (1 MiB at
+# most) in BUDGET bytes: depth halves down to 16, then the payload halves
+# down to 128 KiB, then depth drops by one down to 1.
+expected_memory_plan() {
+	local budget=$1 units=$2 depth=$3 payload=$((1 << 20))
+	while (( units * depth * payload > budget )); do
+		if (( depth > 16 )); then
+			depth=$(( depth / 2 < 16 ? 16 : depth / 2 ))
+		elif (( payload > 128 << 10 )); then
+			payload=$(( payload / 2 ))
+		elif (( depth > 1 )); then
+			depth=$(( depth - 1 ))
+		else
+			break
+		fi
+	done
+	echo "$depth $payload"
+}
+
 is_mounted() { grep -q " $(realpath "$1") fuse" /proc/mounts; }
 not_mounted() { ! is_mounted "$1"; }
 pid_gone() { ! kill -0 "$1" 2>/dev/null; }
@@ -58,12 +117,20 @@ stop_export() {
 	[ ! -e "$PIDFILE" ] || { echo "pidfile left behind" >&2; return 1; }
 }
 
+# teardown: whatever the test left (it may have failed half-way).  A test
+# file that holds more (a device-mapper table, a kernel parameter it
+# flipped) defines teardown_hook, not its own teardown: the hook runs once
+# the daemon is dead and the mounts are gone, before the loop device (LOOP)
+# is detached and /dev/fuse's mode (FUSE_DEV_MODE) restored.
 teardown() {
 	local pid
-	[ -f "$PIDFILE" ] && pid=$(cat "$PIDFILE") && kill -9 "$pid" 2>/dev/null
+	# Dead, not just signalled: its image (a device) may be removed next.
+	[ -f "$PIDFILE" ] && pid=$(cat "$PIDFILE") && kill -9 "$pid" 2>/dev/null &&
+		wait_until 5 pid_gone "$pid"
 	for m in $(grep " $BATS_TEST_TMPDIR" /proc/mounts | awk '{print $2}' | sort -r); do
 		umount -l "$m" 2>/dev/null || true
 	done
+	if declare -F teardown_hook >/dev/null; then teardown_hook || true; fi
 	[ -n "${LOOP:-}" ] && losetup -d "$LOOP" 2>/dev/null
 	[ -n "${FUSE_DEV_MODE:-}" ] && chmod "$FUSE_DEV_MODE" /dev/fuse
 	true
