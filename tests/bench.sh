@@ -8,7 +8,8 @@
 #   SIZE=1G (the random image; smaller for a quick smoke run)
 #   TARGETS="raw uring ..." (a subset of the targets, in that order)
 #   BASE=/path/to/uexportd (another build, e.g. the previous commit's:
-#   adds base-uring and base-dev-fuse, for an A/B within one run)
+#   adds base-uring, base-dev-fuse and the same on null:, for an A/B
+#   within one run)
 #
 # Needs root, fio and python3 (to read fio's JSON).  Prints one results
 # table, ratio tables against the raw image, qemu-storage-daemon, the floor
@@ -129,6 +130,8 @@ start_target() {
 		wait_mount ;;
 	base-uring) "$BASE" -w --io-uring=on -p "$W/pid" "$W/img" "$MNT" ;;
 	base-dev-fuse) "$BASE" -w --io-uring=off -p "$W/pid" "$W/img" "$MNT" ;;
+	base-null-uring) "$BASE" -w --io-uring=on -p "$W/pid" null:1G "$MNT" ;;
+	base-null-dev-fuse) "$BASE" -w --io-uring=off -p "$W/pid" null:1G "$MNT" ;;
 	disk-uring) "$TOP/uexportd" -w --io-uring=on -p "$W/pid" "$DISK" "$MNT" ;;
 	disk-uring-direct) "$TOP/uexportd" -w --direct --io-uring=on -p "$W/pid" "$DISK" "$MNT" ;;
 	qsd)
@@ -158,7 +161,7 @@ if [ "${PEERS:-0}" = 1 ]; then
 		apt-get install -y -qq qemu-system-common >/dev/null 2>&1 || true
 	targets+=(qsd)
 fi
-[ -n "${BASE:-}" ] && targets+=(base-uring base-dev-fuse)
+[ -n "${BASE:-}" ] && targets+=(base-uring base-dev-fuse base-null-uring base-null-dev-fuse)
 [ -n "${DISK:-}" ] && targets+=(disk-raw disk-uring disk-uring-direct)
 [ -n "${TARGETS:-}" ] && read -r -a targets <<<"$TARGETS"
 
@@ -178,7 +181,7 @@ for t in "${targets[@]}"; do
 		pid=$DPID ;;
 	esac
 	jobs=("${JOBS[@]}")
-	case $t in uring|dev-fuse|base-*) jobs+=("${SWEEP_JOBS[@]}") ;; esac
+	case $t in uring|dev-fuse|base-uring|base-dev-fuse) jobs+=("${SWEEP_JOBS[@]}") ;; esac
 	for j in "${jobs[@]}"; do
 		run_job "$t" "$file" "$pid" "${j%%|*}" "${j#*|}"
 	done
@@ -223,7 +226,8 @@ ratios("qsd", "Throughput ÷ qemu-storage-daemon's FUSE export")
 ratios("floor", "Throughput ÷ the transport's floor (tests/nullfloor: no storage work)")
 ratios("disk-raw", "Throughput ÷ the disk image itself")
 
-pairs = [(t, "base-" + t) for t in ("uring", "dev-fuse") if t in targets and "base-" + t in targets]
+pairs = [(t, "base-" + t) for t in ("uring", "dev-fuse", "null-uring", "null-dev-fuse")
+         if t in targets and "base-" + t in targets]
 if pairs:
     print("\n## Throughput of this build ÷ BASE's (same run)\n")
     print("| job | " + " | ".join(f"{a} ÷ {b}" for a, b in pairs) + " |")
