@@ -6,7 +6,7 @@ LDLIBS  += -lpthread
 PREFIX  ?= /usr/local
 DESTDIR ?=
 
-all: uexportd tests/fsops
+all: uexportd tests/fsops tests/faultfs
 
 # Handlers under ASan/UBSan, fed random and malformed requests (tests/fuzz.c).
 FUZZ_SAN ?= -fsanitize=address,undefined -fno-sanitize-recover=all
@@ -36,6 +36,10 @@ static-musl: uexportd.c fuse_kernel.h
 tests/fsops: tests/fsops.c
 	$(CC) $(CFLAGS) -o $@ $<
 
+# A FUSE file that fails chosen requests: the failing disk of tests/faults_12.bats.
+tests/faultfs: tests/faultfs.c fuse_kernel.h
+	$(CC) $(CFLAGS) -o $@ tests/faultfs.c
+
 # The transport's floor for make bench: a minimal null server over io_uring.
 tests/nullfloor: tests/nullfloor.c fuse_kernel.h
 	$(CC) $(CFLAGS) -o $@ tests/nullfloor.c $(LDLIBS)
@@ -56,6 +60,6 @@ install: uexportd
 	install -D -m 0755 uexportd $(DESTDIR)$(PREFIX)/bin/uexportd
 
 clean:
-	rm -rf uexportd uexportd-static uexportd-musl tests/fsops tests/fuzz tests/unit tests/nullfloor .musl-include
+	rm -rf uexportd uexportd-static uexportd-musl tests/fsops tests/fuzz tests/unit tests/nullfloor tests/faultfs .musl-include
 
 .PHONY: all static static-musl check check-long demo bench install clean
