@@ -7,6 +7,11 @@
  *   fsops pwrite FILE OFF LEN [SYNC]     write LEN bytes of 0xab at OFF; SYNC:
  *                                        o-dsync, o-sync (open flags),
  *                                        rwf-dsync, rwf-sync (pwritev2 flags)
+ *   fsops pread FILE OFF LEN             one pread of LEN bytes at OFF
+ *   fsops fd-pwrite FD OFF LEN           pwrite of 0xab, and fsync, on a
+ *   fsops fd-fsync FD                    FD inherited from the caller (bash:
+ *                                        exec {fd}<>FILE): one open file
+ *                                        across several fsops runs
  *   fsops mmap-store FILE OFF TEXT       store TEXT at OFF through a shared
  *                                        mapping, print "stored", keep the
  *                                        mapping (no msync) for 60 s
@@ -74,11 +79,36 @@ static int fallocate_mode(const char *s)
 	return atoi(s);
 }
 
+/* A page-aligned buffer of LEN bytes of 0xab: one FUSE request carries up to
+ * max_pages whole pages, so an unaligned buffer would split a 1 MiB write. */
+static char *ab_buffer(size_t len)
+{
+	char *buf = aligned_alloc(4096, (len + 4096) / 4096 * 4096);
+
+	if (!buf) {
+		perror("aligned_alloc");
+		exit(2);
+	}
+	return memset(buf, 0xab, len);
+}
+
+/* A descriptor number given on the command line, inherited from the caller. */
+static int inherited_fd(const char *s)
+{
+	int fd = atoi(s);
+
+	if (fcntl(fd, F_GETFD) < 0) {
+		printf("err %s\n", strerrorname_np(errno));
+		exit(1);
+	}
+	return fd;
+}
+
 /* pwrite with a synchronous-write intent of the open file or of the call. */
 static int cmd_pwrite(const char *path, off_t off, size_t len, const char *sync)
 {
 	int oflags = O_WRONLY, rwf = 0, fd;
-	char *buf = malloc(len + 1);
+	char *buf = ab_buffer(len);
 	struct iovec iov = { buf, len };
 
 	if (!strcmp(sync, "o-dsync"))
@@ -91,7 +121,6 @@ static int cmd_pwrite(const char *path, off_t off, size_t len, const char *sync)
 		rwf = RWF_SYNC;
 	else if (*sync)
 		return 2;
-	memset(buf, 0xab, len);
 	fd = open_or_die(path, oflags);
 	return report(pwritev2(fd, &iov, 1, off, rwf));
 }
@@ -261,6 +290,20 @@ int main(int argc, char **argv)
 	if (!strcmp(cmd, "pwrite") && (argc == 5 || argc == 6))
 		return cmd_pwrite(argv[2], strtoll(argv[3], NULL, 0), strtoull(argv[4], NULL, 0),
 				  argc == 6 ? argv[5] : "");
+	if (!strcmp(cmd, "pread") && argc == 5) {
+		size_t len = strtoull(argv[4], NULL, 0);
+
+		fd = open_or_die(argv[2], O_RDONLY);
+		return report(pread(fd, ab_buffer(len), len, strtoll(argv[3], NULL, 0)));
+	}
+	if (!strcmp(cmd, "fd-pwrite") && argc == 5) {
+		size_t len = strtoull(argv[4], NULL, 0);
+
+		return report(pwrite(inherited_fd(argv[2]), ab_buffer(len), len,
+				     strtoll(argv[3], NULL, 0)));
+	}
+	if (!strcmp(cmd, "fd-fsync") && argc == 3)
+		return report(fsync(inherited_fd(argv[2])));
 	if (!strcmp(cmd, "mmap-store") && argc == 5)
 		return cmd_mmap_store(argv[2], strtoll(argv[3], NULL, 0), argv[4]);
 	if (!strcmp(cmd, "truncate") && argc == 4) {
