@@ -85,6 +85,14 @@ expected_memory_plan() {
 is_mounted() { grep -q " $(realpath "$1") fuse" /proc/mounts; }
 not_mounted() { ! is_mounted "$1"; }
 pid_gone() { ! kill -0 "$1" 2>/dev/null; }
+# exited PID: PID, a child of this shell, has ended (a zombie not yet
+# reaped by wait counts: kill -0 still succeeds on it).
+exited() {
+	local stat
+	stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 0
+	stat=${stat##*) }
+	[ "${stat%% *}" = Z ]
+}
 
 # A scratch dir on a disk file system (ext4 here) rather than tmpfs: tmpfs
 # lacks ZERO_RANGE and has different SEEK_DATA granularity.
@@ -106,6 +114,37 @@ start_export() {
 	is_mounted "${@: -1}" || { echo "not mounted after start" >&2; return 1; }
 	grep -q "transport=$UEXPORTD_TRANSPORT" "$LOG" || {
 		echo "expected transport=$UEXPORTD_TRANSPORT:" >&2; cat "$LOG" >&2; return 1; }
+}
+
+# start_fg [OPTIONS...] IMAGE MOUNTPOINT: run the daemon in the foreground
+# (-f) as a child of this shell, its log (stderr) in LOG, with a pidfile;
+# returns once the mount is live.  Sets DPID; stop_fg gets the exit status.
+start_fg() {
+	local mnt=${*: -1}
+	"$UEXPORTD" $(transport_opt) -f -p "$PIDFILE" "$@" 2>"$LOG" >/dev/null 3>&- &
+	DPID=$!
+	wait_until 20 fg_started || true
+	if exited "$DPID" || ! is_mounted "$mnt"; then
+		kill -9 "$DPID" 2>/dev/null
+		echo "not live after start:" >&2; cat "$LOG" >&2; return 1
+	fi
+	grep -q "transport=$UEXPORTD_TRANSPORT" "$LOG" || {
+		echo "expected transport=$UEXPORTD_TRANSPORT:" >&2; cat "$LOG" >&2; return 1; }
+}
+fg_started() { [ "$(cat "$PIDFILE" 2>/dev/null)" = "$DPID" ] || exited "$DPID"; }
+
+# stop_fg STATUS: SIGTERM to a start_fg daemon, which must exit with STATUS
+# and leave neither its mount nor its pidfile.
+stop_fg() {
+	local want=$1 mnt=${2:-$MNT} rc=0
+	kill -TERM "$DPID"
+	wait_until 20 exited "$DPID" || {
+		kill -9 "$DPID"; echo "daemon $DPID did not exit" >&2; return 1; }
+	wait "$DPID" || rc=$?
+	wait_until 5 not_mounted "$mnt" || { echo "$mnt still mounted" >&2; return 1; }
+	[ ! -e "$PIDFILE" ] || { echo "pidfile left behind" >&2; return 1; }
+	[ "$rc" = "$want" ] || {
+		echo "daemon exited $rc, expected $want; its log:" >&2; cat "$LOG" >&2; return 1; }
 }
 
 # stop_export: SIGTERM, then the daemon must exit 0 and the mount be gone.
