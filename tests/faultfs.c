@@ -277,6 +277,10 @@ static size_t do_read(const struct fuse_read_in *in, void *out, int *err)
 {
 	size_t done = 0;
 
+	if (in->size > MAX_WRITE) {		/* max_pages bounds it: never */
+		*err = -EINVAL;
+		return 0;
+	}
 	if ((*err = rules_check(false, in->offset, in->size)))
 		return fail("READ", in->offset, in->size, *err), 0;
 	while (done < in->size) {
