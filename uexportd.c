@@ -378,6 +378,124 @@ static void pin_to_cpu(int cpu)
 	pthread_setaffinity_np(pthread_self(), sizeof(set), &set);
 }
 
+/*
+ * The absolute path of 'path' with its directory resolved (realpath) and
+ * its last component kept as given: resolving that too would stat it,
+ * which blocks on a hung FUSE mount, fails on a dead one and follows a
+ * symbolic link the caller wants to see.  A last component of "", "." or
+ * ".." is resolved whole.  Returns 0 or -errno.
+ */
+static int path_abs_dir(const char *path, char *abs, size_t cap)
+{
+	char dir[PATH_MAX], res[PATH_MAX];
+	const char *slash = strrchr(path, '/');
+	const char *base = slash ? slash + 1 : path;
+
+	if (!*base || strcmp(base, ".") == 0 || strcmp(base, "..") == 0) {
+		if (cap < PATH_MAX)
+			return -ENAMETOOLONG;
+		return realpath(path, abs) ? 0 : -errno;
+	}
+	snprintf(dir, sizeof(dir), "%.*s", slash ? (int)(slash - path) + 1 : 1,
+		 slash ? path : ".");
+	if (!realpath(dir, res))
+		return -errno;
+	if ((size_t)snprintf(abs, cap, "%s%s%s", res, strcmp(res, "/") ? "/" : "", base) >= cap)
+		return -ENAMETOOLONG;
+	return 0;
+}
+
+/* A stat(2) or lstat(2) run in a helper thread, shared by the two threads
+ * and freed by whichever lets go last. */
+struct stat_probe {
+	pthread_mutex_t lock;
+	pthread_cond_t cond;
+	unsigned refs;				/* under lock */
+	bool follow, done;
+	int err;
+	struct stat st;
+	char path[PATH_MAX];
+};
+
+static void stat_probe_put(struct stat_probe *p)
+{
+	unsigned refs;
+
+	pthread_mutex_lock(&p->lock);
+	refs = --p->refs;
+	pthread_mutex_unlock(&p->lock);
+	if (refs == 0) {
+		pthread_mutex_destroy(&p->lock);
+		pthread_cond_destroy(&p->cond);
+		free(p);
+	}
+}
+
+static void *stat_probe_main(void *arg)
+{
+	struct stat_probe *p = arg;
+	struct stat st;
+	int err = (p->follow ? stat(p->path, &st) : lstat(p->path, &st)) < 0 ? -errno : 0;
+
+	pthread_mutex_lock(&p->lock);
+	p->err = err;
+	p->st = st;
+	p->done = true;
+	pthread_cond_signal(&p->cond);
+	pthread_mutex_unlock(&p->lock);
+	stat_probe_put(p);
+	return NULL;
+}
+
+/*
+ * stat(2) ('follow') or lstat(2) of 'path', waiting at most 'ms': a path
+ * on a FUSE mount whose server does not answer blocks in the kernel
+ * forever, so the call runs in a helper thread, which is left to end on
+ * its own when it is late.  Returns 0 with *st filled, the stat's -errno,
+ * -ETIMEDOUT, -ENAMETOOLONG, or the -errno of creating the thread.
+ */
+static int stat_within(const char *path, bool follow, unsigned ms, struct stat *st)
+{
+	struct stat_probe *p = calloc(1, sizeof(*p));
+	struct timespec deadline;
+	pthread_t t;
+	int err = 0;
+
+	if (!p)
+		return -ENOMEM;
+	if (strlen(path) >= sizeof(p->path)) {
+		free(p);
+		return -ENAMETOOLONG;
+	}
+	pthread_mutex_init(&p->lock, NULL);
+	pthread_cond_init(&p->cond, NULL);
+	p->refs = 2;
+	p->follow = follow;
+	strcpy(p->path, path);
+	if ((err = pthread_create(&t, NULL, stat_probe_main, p)) != 0) {
+		p->refs = 1;
+		stat_probe_put(p);
+		return -err;
+	}
+	pthread_detach(t);
+	clock_gettime(CLOCK_REALTIME, &deadline);
+	deadline.tv_sec += ms / 1000;
+	deadline.tv_nsec += (long)(ms % 1000) * 1000000L;
+	if (deadline.tv_nsec >= 1000000000L) {
+		deadline.tv_sec++;
+		deadline.tv_nsec -= 1000000000L;
+	}
+	pthread_mutex_lock(&p->lock);
+	while (!p->done && err != ETIMEDOUT)
+		err = pthread_cond_timedwait(&p->cond, &p->lock, &deadline);
+	err = p->done ? p->err : -ETIMEDOUT;
+	if (p->done && !err)
+		*st = p->st;
+	pthread_mutex_unlock(&p->lock);
+	stat_probe_put(p);
+	return err;
+}
+
 /* ======================================================================
  * io_uring rings, by raw syscalls
  *
@@ -2767,6 +2885,7 @@ struct options {
 	struct stat mountpoint_st;		/* the file underneath, before mounting */
 	int mountpoint_lock;			/* start-up lock, see mountpoint_lock() */
 	bool writable, growable, direct, foreground, passthrough;
+	bool clean_stale;			/* detach a dead mount on MOUNTPOINT */
 	enum { TRI_AUTO, TRI_ON, TRI_OFF } allow_other, io_uring;
 	unsigned queue_depth;
 	uint64_t max_memory;
@@ -2804,21 +2923,57 @@ static int open_image(struct export *exp, const struct options *o)
 	return err;
 }
 
-/* The mount point must be an existing regular file.  Logs its failure.
- * Returns 0 or -errno. */
+/* Detach the dead FUSE mount an earlier daemon left on the mount point
+ * (--clean-stale).  Returns 0 or -errno. */
+static int unmount_stale(const struct options *o)
+{
+	struct mount_opts mo = { .target = o->mountpoint_abs, .privileged = geteuid() == 0 };
+	int err = unmount_export(&mo, true);
+
+	if (!err)
+		log_info("mount point %s: detached a dead FUSE mount", o->mountpoint);
+	return err;
+}
+
+/*
+ * The mount point must be an existing regular file, named directly: a
+ * symbolic link is refused (whoever can write its directory could point
+ * root's export over any file), as fusermount3 does.  A dead FUSE mount
+ * left there by a daemon that died is detected: detached with
+ * --clean-stale, else refused with what to run.  Every look at it is
+ * bounded (MOUNTPOINT_STAT_MS): it may sit on a FUSE mount whose daemon
+ * hangs.  Logs its failure.  Returns 0 or -errno.
+ */
+#define MOUNTPOINT_STAT_MS	5000
+
 static int check_mountpoint(struct options *o)
 {
 	struct stat *st = &o->mountpoint_st;
-	int err = 0;
+	int err = path_abs_dir(o->mountpoint, o->mountpoint_abs, sizeof(o->mountpoint_abs));
+	bool dead;
 
-	if (stat(o->mountpoint, st) < 0 || !realpath(o->mountpoint, o->mountpoint_abs))
-		err = -errno;
-	else if (!S_ISREG(st->st_mode))
+	if (!err)
+		err = stat_within(o->mountpoint_abs, false, MOUNTPOINT_STAT_MS, st);
+	dead = err == -ENOTCONN || err == -ECONNABORTED;
+	if (dead && o->clean_stale && (err = unmount_stale(o)) == 0)
+		err = stat_within(o->mountpoint_abs, false, MOUNTPOINT_STAT_MS, st);
+	if (!err && S_ISLNK(st->st_mode))
+		err = -ELOOP;
+	else if (!err && !S_ISREG(st->st_mode))
 		err = S_ISDIR(st->st_mode) ? -EISDIR : -EINVAL;
-	if (err == -EISDIR)
+	if (err == -ELOOP)
+		log_err("mount point %s: is a symbolic link", o->mountpoint);
+	else if (err == -EISDIR)
 		log_err("mount point %s: is a directory (it must be a regular file)", o->mountpoint);
 	else if (err == -EINVAL)
 		log_err("mount point %s: not a regular file", o->mountpoint);
+	else if (dead && err && !o->clean_stale)
+		log_err("mount point %s: a dead FUSE mount is still there (its daemon died): "
+			"run '%s %s', or start with --clean-stale", o->mountpoint,
+			geteuid() == 0 ? "umount -l" : "fusermount3 -u -z", o->mountpoint_abs);
+	else if (err == -ETIMEDOUT)
+		log_err("mount point %s: no answer in %d s (on a FUSE mount whose daemon hangs?)",
+			o->mountpoint, MOUNTPOINT_STAT_MS / 1000);
 	else if (err)
 		log_err("mount point %s: %s", o->mountpoint, strerror(-err));
 	return err;
@@ -3111,80 +3266,17 @@ static int startup_handshake(struct export *exp, struct startup *st)
 
 /*
  * Ask for our own attributes: the GETATTR must come through a ring, else
- * the kernel is not using them (a silent downgrade we must not hide).  The
- * stat runs in a helper thread so a ring that never becomes ready (every
- * request would block in the kernel) fails start-up instead of hanging it;
- * the probe is shared by the two threads and freed by whichever lets go
- * last, so the helper may outlive a failed start.
+ * the kernel is not using them (a silent downgrade we must not hide).  A
+ * ring that never becomes ready would block every request in the kernel:
+ * the stat is bounded.  Returns 1 if a ring served it, 0 if not, -errno.
  */
-struct probe {
-	pthread_mutex_t lock;
-	pthread_cond_t cond;
-	bool done;
-	unsigned refs;				/* under lock */
-	char path[PATH_MAX];
-};
-
-static void probe_put(struct probe *p)
-{
-	unsigned refs;
-
-	pthread_mutex_lock(&p->lock);
-	refs = --p->refs;
-	pthread_mutex_unlock(&p->lock);
-	if (refs == 0) {
-		pthread_mutex_destroy(&p->lock);
-		pthread_cond_destroy(&p->cond);
-		free(p);
-	}
-}
-
-static void *probe_main(void *arg)
-{
-	struct probe *p = arg;
-	struct stat st;
-
-	stat(p->path, &st);
-	pthread_mutex_lock(&p->lock);
-	p->done = true;
-	pthread_cond_signal(&p->cond);
-	pthread_mutex_unlock(&p->lock);
-	probe_put(p);
-	return NULL;
-}
-
-/* Returns 1 if a ring served the stat, 0 if not (or no thread could be
- * started), -ETIMEDOUT after RING_READY_TIMEOUT_MS. */
 static int startup_confirm_rings(struct export *exp, struct startup *st)
 {
-	struct probe *p = calloc(1, sizeof(*p));
-	struct timespec deadline;
-	pthread_t t;
-	bool done;
-	int err = 0;
+	struct stat sb;
+	int err = stat_within(st->o->mountpoint_abs, true, RING_READY_TIMEOUT_MS, &sb);
 
-	if (!p)
-		return 0;
-	pthread_mutex_init(&p->lock, NULL);
-	pthread_cond_init(&p->cond, NULL);
-	p->refs = 2;
-	snprintf(p->path, sizeof(p->path), "%s", st->o->mountpoint_abs);
-	if (pthread_create(&t, NULL, probe_main, p)) {
-		p->refs = 1;
-		probe_put(p);
-		return 0;
-	}
-	pthread_detach(t);
-	clock_gettime(CLOCK_REALTIME, &deadline);
-	deadline.tv_sec += RING_READY_TIMEOUT_MS / 1000;
-	pthread_mutex_lock(&p->lock);
-	while (!p->done && err != ETIMEDOUT)
-		err = pthread_cond_timedwait(&p->cond, &p->lock, &deadline);
-	done = p->done;
-	pthread_mutex_unlock(&p->lock);
-	probe_put(p);
-	if (!done)
-		return startup_fail(st, -ETIMEDOUT, "io_uring: the kernel did not make the "
+	if (err == -ETIMEDOUT)
+		return startup_fail(st, err, "io_uring: the kernel did not make the "
 				    "rings ready in %d s", RING_READY_TIMEOUT_MS / 1000);
 	return ring_pool_served(exp->rings) > 0;
 }
@@ -3508,17 +3600,10 @@ static void pidfile_remove(struct pidfile *pf)
  * resolve its directory only. */
 static void unmount_dead(const char *mountpoint)
 {
-	char dir[PATH_MAX], abs[PATH_MAX + NAME_MAX + 2];
-	const char *slash = strrchr(mountpoint, '/');
-	const char *base = slash ? slash + 1 : mountpoint;
+	char abs[PATH_MAX];
 
-	snprintf(dir, sizeof(dir), "%.*s", slash ? (int)(slash - mountpoint) + 1 : 1,
-		 slash ? mountpoint : ".");
-	if (geteuid() != 0 || !realpath(dir, abs))
-		return;
-	snprintf(abs + strlen(abs), sizeof(abs) - strlen(abs), "%s%s",
-		 strcmp(abs, "/") ? "/" : "", base);
-	if (mount_lookup(abs, NULL) == 1)
+	if (geteuid() == 0 && path_abs_dir(mountpoint, abs, sizeof(abs)) == 0 &&
+	    mount_lookup(abs, NULL) == 1)
 		umount2(abs, MNT_DETACH);
 }
 
@@ -3824,6 +3909,8 @@ static void usage(FILE *f)
 "      --direct             open the image with O_DIRECT (no host page cache)\n"
 "      --passthrough        the kernel reads and writes a regular-file image\n"
 "                           itself (root, Linux 6.9+; needs --growable if -w)\n"
+"      --clean-stale        detach a dead FUSE mount left on MOUNTPOINT by a\n"
+"                           daemon that died, then start\n"
 "  -f, --foreground         do not daemonize\n"
 "  -p, --pidfile=FILE       write the daemon's pid once the export is live\n"
 "  -v, --verbose            log start-up details to stderr\n"
@@ -3847,7 +3934,8 @@ static int parse_tristate(const char *name, const char *v, int *out, const char 
 	return -EINVAL;
 }
 
-enum { OPT_ALLOW_OTHER = 256, OPT_IO_URING, OPT_DIRECT, OPT_MAX_MEMORY, OPT_PASSTHROUGH };
+enum { OPT_ALLOW_OTHER = 256, OPT_IO_URING, OPT_DIRECT, OPT_MAX_MEMORY, OPT_PASSTHROUGH,
+       OPT_CLEAN_STALE };
 
 static int parse_options(int argc, char **argv, struct options *o)
 {
@@ -3860,6 +3948,7 @@ static int parse_options(int argc, char **argv, struct options *o)
 		{ "direct", no_argument, NULL, OPT_DIRECT },
 		{ "max-memory", required_argument, NULL, OPT_MAX_MEMORY },
 		{ "passthrough", no_argument, NULL, OPT_PASSTHROUGH },
+		{ "clean-stale", no_argument, NULL, OPT_CLEAN_STALE },
 		{ "foreground", no_argument, NULL, 'f' },
 		{ "pidfile", required_argument, NULL, 'p' },
 		{ "verbose", no_argument, NULL, 'v' },
@@ -3884,6 +3973,7 @@ static int parse_options(int argc, char **argv, struct options *o)
 		case 'd': log_debug = log_verbose = o->foreground = true; break;
 		case OPT_DIRECT: o->direct = true; break;
 		case OPT_PASSTHROUGH: o->passthrough = true; break;
+		case OPT_CLEAN_STALE: o->clean_stale = true; break;
 		case OPT_MAX_MEMORY:
 			if (parse_size(optarg, &o->max_memory) < 0 || o->max_memory < (1u << 20)) {
 				log_err("invalid --max-memory '%s' (expected a size of at least 1M, "
