@@ -52,6 +52,7 @@
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/mount.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
@@ -104,6 +105,13 @@
 #define DEFAULT_MAX_MEMORY	(256ull << 20)	/* payload buffers, all queues */
 #define RING_READY_TIMEOUT_MS	10000
 #define SHUTDOWN_GRACE_MS	3000	/* clients still holding the file */
+
+/* Exit statuses (README, "Exit status"). */
+enum {
+	EXIT_FAILED = 1,	/* did not start: the reason was printed */
+	EXIT_USAGE = 2,		/* bad command line */
+	EXIT_DATA_LOST = 3,	/* served, but acknowledged writes may be lost */
+};
 
 /* Wire layouts the protocol promises (include/uapi/linux/fuse.h). */
 _Static_assert(sizeof(struct fuse_in_header) == 40, "fuse_in_header");
@@ -235,6 +243,19 @@ static int flock_until(int fd, uint64_t deadline)
 		sleep_ms(20);
 	}
 	return 0;
+}
+
+/* Close descriptors lo..hi (close_range(2), or one by one before 5.9). */
+static void close_fd_range(unsigned lo, unsigned hi)
+{
+	if (lo > hi)
+		return;
+#ifdef SYS_close_range
+	if (syscall(SYS_close_range, lo, hi, 0) == 0)
+		return;
+#endif
+	for (unsigned fd = lo; fd <= hi && fd < 1024; fd++)
+		close((int)fd);
 }
 
 static int write_file(const char *path, const char *text)
@@ -405,95 +426,70 @@ static int path_abs_dir(const char *path, char *abs, size_t cap)
 	return 0;
 }
 
-/* A stat(2) or lstat(2) run in a helper thread, shared by the two threads
- * and freed by whichever lets go last. */
-struct stat_probe {
-	pthread_mutex_t lock;
-	pthread_cond_t cond;
-	unsigned refs;				/* under lock */
-	bool follow, done;
-	int err;
-	struct stat st;
-	char path[PATH_MAX];
-};
-
-static void stat_probe_put(struct stat_probe *p)
-{
-	unsigned refs;
-
-	pthread_mutex_lock(&p->lock);
-	refs = --p->refs;
-	pthread_mutex_unlock(&p->lock);
-	if (refs == 0) {
-		pthread_mutex_destroy(&p->lock);
-		pthread_cond_destroy(&p->cond);
-		free(p);
-	}
-}
-
-static void *stat_probe_main(void *arg)
-{
-	struct stat_probe *p = arg;
-	struct stat st;
-	int err = (p->follow ? stat(p->path, &st) : lstat(p->path, &st)) < 0 ? -errno : 0;
-
-	pthread_mutex_lock(&p->lock);
-	p->err = err;
-	p->st = st;
-	p->done = true;
-	pthread_cond_signal(&p->cond);
-	pthread_mutex_unlock(&p->lock);
-	stat_probe_put(p);
-	return NULL;
-}
-
 /*
- * stat(2) ('follow') or lstat(2) of 'path', waiting at most 'ms': a path
- * on a FUSE mount whose server does not answer blocks in the kernel
- * forever, so the call runs in a helper thread, which is left to end on
- * its own when it is late.  Returns 0 with *st filled, the stat's -errno,
- * -ETIMEDOUT, -ENAMETOOLONG, or the -errno of creating the thread.
+ * stat(2) ('follow') or lstat(2) of 'path', waiting at most 'ms'.  A path
+ * on a FUSE mount whose daemon does not answer blocks the caller in the
+ * kernel, killable only until the daemon has read the request and not at
+ * all after (fs/fuse/dev.c, request_wait_answer()): a thread stuck there
+ * would keep the whole process from exiting.  So the stat runs in a child
+ * process holding nothing of ours (not even stdio: a caller capturing our
+ * output would wait for it), which is left behind, killed, when late.
+ * Only async-signal-safe calls after fork: any thread may be running.
+ * Returns 0 with *st filled, the stat's -errno, -ETIMEDOUT, or the -errno
+ * of pipe/fork.
  */
 static int stat_within(const char *path, bool follow, unsigned ms, struct stat *st)
 {
-	struct stat_probe *p = calloc(1, sizeof(*p));
-	struct timespec deadline;
-	pthread_t t;
-	int err = 0;
+	struct { int err; struct stat st; } r;
+	struct pollfd pfd = { .events = POLLIN };
+	uint64_t deadline = now_ns() + (uint64_t)ms * 1000000u;
+	int p[2], null;
+	ssize_t n = -1;
+	pid_t pid;
 
-	if (!p)
-		return -ENOMEM;
-	if (strlen(path) >= sizeof(p->path)) {
-		free(p);
-		return -ENAMETOOLONG;
+	if (pipe2(p, O_CLOEXEC) < 0)
+		return -errno;
+	pid = fork();
+	if (pid == 0) {
+		null = open("/dev/null", O_RDWR);
+		for (int fd = STDIN_FILENO; fd <= STDERR_FILENO; fd++)
+			null >= 0 ? dup2(null, fd) : close(fd);
+		close_fd_range(STDERR_FILENO + 1, (unsigned)p[1] - 1);
+		close_fd_range((unsigned)p[1] + 1, ~0U);
+		r.err = (follow ? stat(path, &r.st) : lstat(path, &r.st)) < 0 ? -errno : 0;
+		_exit(write(p[1], &r, sizeof(r)) == sizeof(r) ? 0 : 1);
 	}
-	pthread_mutex_init(&p->lock, NULL);
-	pthread_cond_init(&p->cond, NULL);
-	p->refs = 2;
-	p->follow = follow;
-	strcpy(p->path, path);
-	if ((err = pthread_create(&t, NULL, stat_probe_main, p)) != 0) {
-		p->refs = 1;
-		stat_probe_put(p);
-		return -err;
+	close(p[1]);
+	if (pid < 0) {
+		int err = -errno;
+
+		close(p[0]);
+		return err;
 	}
-	pthread_detach(t);
-	clock_gettime(CLOCK_REALTIME, &deadline);
-	deadline.tv_sec += ms / 1000;
-	deadline.tv_nsec += (long)(ms % 1000) * 1000000L;
-	if (deadline.tv_nsec >= 1000000000L) {
-		deadline.tv_sec++;
-		deadline.tv_nsec -= 1000000000L;
+	pfd.fd = p[0];
+	while (n < 0) {
+		uint64_t now = now_ns();
+		int left = now < deadline ? (int)((deadline - now) / 1000000u) + 1 : 0;
+
+		int ready = poll(&pfd, 1, left);
+
+		if (ready < 0 && errno == EINTR)
+			continue;
+		if (ready <= 0)
+			break;
+		n = read(p[0], &r, sizeof(r));
+		if (n < 0 && errno != EINTR)
+			break;
 	}
-	pthread_mutex_lock(&p->lock);
-	while (!p->done && err != ETIMEDOUT)
-		err = pthread_cond_timedwait(&p->cond, &p->lock, &deadline);
-	err = p->done ? p->err : -ETIMEDOUT;
-	if (p->done && !err)
-		*st = p->st;
-	pthread_mutex_unlock(&p->lock);
-	stat_probe_put(p);
-	return err;
+	close(p[0]);
+	if (n != sizeof(r)) {
+		kill(pid, SIGKILL);	/* it goes once the kernel lets it */
+		return n < 0 ? -ETIMEDOUT : -EIO;
+	}
+	waitpid(pid, NULL, 0);		/* it has written: it is exiting */
+	if (!r.err)
+		*st = r.st;
+	return r.err;
 }
 
 /* ======================================================================
@@ -725,6 +721,37 @@ struct image_io {
 	bool zeros;		/* out: the read produced zeros only (null:) */
 };
 
+/*
+ * Write-back errors per open file, as the kernel keeps them for a file
+ * opened directly (errseq_t, include/linux/errseq.h): an error is reported
+ * once to every file that was open when it happened, at its next fsync.
+ * The daemon has one descriptor for all clients, whose first fsync would
+ * consume the error; so each error is recorded here (a count and the
+ * error) and every FUSE open file (fh = slot + 1) keeps the count it has
+ * been told of.
+ */
+struct image_files {
+	pthread_mutex_t lock;
+	uint32_t errors;		/* write-back errors recorded */
+	int err;			/* the last one */
+	struct image_file {
+		bool open;
+		uint32_t seen;		/* errors already reported to it */
+	} *slots;
+	size_t nr_slots;
+};
+
+/* Failed image I/O is logged, at most IO_LOG_BURST lines a second; what is
+ * held back is counted and said with the next line that gets out. */
+#define IO_LOG_BURST	10
+
+struct image_log {
+	pthread_mutex_t lock;
+	uint64_t window;		/* now_ns() / 1 s of the current burst */
+	unsigned lines;			/* logged in that second */
+	unsigned held;			/* not logged since the last line */
+};
+
 struct image;
 
 /*
@@ -779,6 +806,8 @@ struct image {
 	_Atomic uint32_t mode;		/* permission bits of the exported file */
 	_Atomic uint32_t uid, gid;
 	atomic_bool nowait_read_ok, nowait_write_ok;	/* RWF_NOWAIT works */
+	struct image_files files;	/* write-back errors per open file */
+	struct image_log log;		/* I/O failures, rate-limited */
 	pthread_mutex_t times_lock;	/* times of non-file backends */
 	struct timespec atime, mtime, ctime;
 };
@@ -1187,6 +1216,8 @@ static int image_open(struct image *img, const char *path)
 	img->fds[IMAGE_FD_MAIN] = img->fds[IMAGE_FD_BUFFERED] = -1;
 	img->nowait_read_ok = img->nowait_write_ok = true;
 	pthread_mutex_init(&img->times_lock, NULL);
+	pthread_mutex_init(&img->files.lock, NULL);
+	pthread_mutex_init(&img->log.lock, NULL);
 	clock_gettime(CLOCK_REALTIME, &img->mtime);
 	img->atime = img->ctime = img->mtime;
 	if (strncmp(path, "null:", 5) == 0)
@@ -1342,6 +1373,142 @@ static int image_statfs(struct image *img, struct fuse_kstatfs *st)
 static int image_sync(struct image *img, bool datasync)
 {
 	return img->ops->sync(img, datasync);
+}
+
+/* Log a failed I/O on the image ("IMAGE: read of 4096 bytes at 0: ..."),
+ * rate-limited (struct image_log). */
+static void __attribute__((format(printf, 2, 3)))
+image_log_failure(struct image *img, const char *fmt, ...)
+{
+	struct image_log *l = &img->log;
+	uint64_t window = now_ns() / 1000000000u;
+	unsigned held = 0;
+	char what[256];
+	va_list ap;
+
+	pthread_mutex_lock(&l->lock);
+	if (window != l->window) {
+		l->window = window;
+		l->lines = 0;
+	}
+	if (l->lines >= IO_LOG_BURST) {
+		l->held++;
+		pthread_mutex_unlock(&l->lock);
+		return;
+	}
+	l->lines++;
+	held = l->held;
+	l->held = 0;
+	pthread_mutex_unlock(&l->lock);
+	va_start(ap, fmt);
+	vsnprintf(what, sizeof(what), fmt, ap);
+	va_end(ap);
+	if (held)
+		log_err("%s: %u more I/O errors not logged", img->path, held);
+	log_err("%s: %s", img->path, what);
+}
+
+/* Say how many failures the rate limit held back since the last line. */
+static void image_log_flush(struct image *img)
+{
+	unsigned held;
+
+	pthread_mutex_lock(&img->log.lock);
+	held = img->log.held;
+	img->log.held = 0;
+	pthread_mutex_unlock(&img->log.lock);
+	if (held)
+		log_err("%s: %u more I/O errors not logged", img->path, held);
+}
+
+/* A new open file: *fh for the OPEN reply.  It will be told of write-back
+ * errors from now on.  Returns 0 or -ENOMEM. */
+static int image_file_open(struct image *img, uint64_t *fh)
+{
+	struct image_files *f = &img->files;
+	size_t i;
+	int err = 0;
+
+	pthread_mutex_lock(&f->lock);
+	for (i = 0; i < f->nr_slots && f->slots[i].open; i++)
+		;
+	if (i == f->nr_slots) {
+		size_t n = f->nr_slots ? f->nr_slots * 2 : 16;
+		struct image_file *slots = realloc(f->slots, n * sizeof(*slots));
+
+		if (slots) {
+			memset(slots + f->nr_slots, 0, (n - f->nr_slots) * sizeof(*slots));
+			f->slots = slots;
+			f->nr_slots = n;
+		} else {
+			err = -ENOMEM;
+		}
+	}
+	if (!err) {
+		f->slots[i] = (struct image_file){ .open = true, .seen = f->errors };
+		*fh = i + 1;
+	}
+	pthread_mutex_unlock(&f->lock);
+	return err;
+}
+
+/* RELEASE of 'fh'; an fh we did not hand out is ignored. */
+static void image_file_release(struct image *img, uint64_t fh)
+{
+	struct image_files *f = &img->files;
+
+	pthread_mutex_lock(&f->lock);
+	if (fh >= 1 && fh <= f->nr_slots)
+		f->slots[fh - 1].open = false;
+	pthread_mutex_unlock(&f->lock);
+}
+
+/* Record a write-back error of the image ('err' < 0): every open file
+ * will be told at its next fsync. */
+static void image_wb_error(struct image *img, int err)
+{
+	pthread_mutex_lock(&img->files.lock);
+	img->files.errors++;
+	img->files.err = err;
+	pthread_mutex_unlock(&img->files.lock);
+}
+
+/* Write-back errors recorded so far: acknowledged writes lost. */
+static uint32_t image_wb_errors(struct image *img)
+{
+	uint32_t n;
+
+	pthread_mutex_lock(&img->files.lock);
+	n = img->files.errors;
+	pthread_mutex_unlock(&img->files.lock);
+	return n;
+}
+
+/*
+ * fsync(2) for the open file 'fh': sync the image, then report the first
+ * write-back error this file has not been told of yet (errseq semantics).
+ * Returns 0 or -errno.
+ */
+static int image_file_sync(struct image *img, uint64_t fh, bool datasync)
+{
+	struct image_files *f = &img->files;
+	int err = image_sync(img, datasync);
+
+	if (err) {
+		image_log_failure(img, "fsync: %s", strerror(-err));
+		image_wb_error(img, err);
+	}
+	pthread_mutex_lock(&f->lock);
+	if (fh >= 1 && fh <= f->nr_slots && f->slots[fh - 1].open) {
+		struct image_file *file = &f->slots[fh - 1];
+
+		if (file->seen != f->errors) {
+			err = f->err;
+			file->seen = f->errors;
+		}
+	}
+	pthread_mutex_unlock(&f->lock);
+	return err;
 }
 
 /* ======================================================================
@@ -1505,6 +1672,8 @@ static enum fuse_verdict fuse_open(struct image *img, const struct fuse_req *req
 	if ((in->flags & O_ACCMODE) != O_RDONLY && !img->writable)
 		return fuse_fail(rep, -EROFS);
 	out = fuse_reply_buf(rep, sizeof(*out));
+	if (out && (rep->error = image_file_open(img, &out->fh)) < 0)
+		return FUSE_REPLY;
 	if (out && img->passthrough) {
 		out->open_flags = FOPEN_PASSTHROUGH;
 		out->backing_id = img->backing_id;
@@ -1599,6 +1768,12 @@ static void fuse_io_complete(struct image *img, struct fuse_reply *rep, ssize_t 
 	const struct image_io *io = &rep->io;
 
 	if (res < 0) {
+		image_log_failure(img, "%s of %u bytes at %llu: %s", io->write ? "write" : "read",
+				  io->len, (unsigned long long)io->off, strerror((int)-res));
+		/* A synchronous write flushes: its EIO is a write-back error,
+		 * which the other open files must hear of too. */
+		if (io->write && io->rw_flags && res == -EIO)
+			image_wb_error(img, -EIO);
 		rep->error = (int)res;
 		rep->out_len = 0;
 		return;
@@ -1624,8 +1799,8 @@ static enum fuse_verdict fuse_statfs(struct image *img, const struct fuse_req *r
 	return FUSE_REPLY;
 }
 
-/* RELEASE: nothing is kept per open file.  FLUSH: close(2) of a regular
- * file does not sync either.  DESTROY: the stop follows the unmount. */
+/* FLUSH: close(2) of a regular file does not sync either.  DESTROY: the
+ * stop follows the unmount. */
 static enum fuse_verdict fuse_nothing(struct image *img, const struct fuse_req *req,
 				      struct fuse_reply *rep)
 {
@@ -1635,13 +1810,26 @@ static enum fuse_verdict fuse_nothing(struct image *img, const struct fuse_req *
 	return FUSE_REPLY;
 }
 
-/* FSYNC: after fsync(2) on the export returns, the data is on stable storage. */
+/* RELEASE: the open file is gone (its write-back error state with it). */
+static enum fuse_verdict fuse_release(struct image *img, const struct fuse_req *req,
+				      struct fuse_reply *rep)
+{
+	const struct fuse_release_in *in = req->arg;
+
+	(void)rep;
+	image_file_release(img, in->fh);
+	return FUSE_REPLY;
+}
+
+/* FSYNC: after fsync(2) on the export returns, the data is on stable
+ * storage; a write-back error is reported to every open file once, as on
+ * the image itself (image_file_sync). */
 static enum fuse_verdict fuse_fsync(struct image *img, const struct fuse_req *req,
 				    struct fuse_reply *rep)
 {
 	const struct fuse_fsync_in *in = req->arg;
 
-	return fuse_fail(rep, image_sync(img, in->fsync_flags & FUSE_FSYNC_FDATASYNC));
+	return fuse_fail(rep, image_file_sync(img, in->fh, in->fsync_flags & FUSE_FSYNC_FDATASYNC));
 }
 
 /* INIT is answered once, at mount (start-up reads it off /dev/fuse). */
@@ -1715,7 +1903,7 @@ static const struct fuse_op_desc fuse_opcodes[] = {
 	OP(READ, sizeof(struct fuse_read_in), fuse_read),
 	OP(WRITE, sizeof(struct fuse_write_in), fuse_write),
 	OP(STATFS, 0, fuse_statfs),
-	OP(RELEASE, sizeof(struct fuse_release_in), fuse_nothing),
+	OP(RELEASE, sizeof(struct fuse_release_in), fuse_release),
 	OP(FSYNC, sizeof(struct fuse_fsync_in), fuse_fsync),
 	OP(SETXATTR, 0, NULL),
 	OP(GETXATTR, 0, NULL),
@@ -1894,8 +2082,17 @@ struct export {
 	struct ring_pool *rings;	/* io_uring queues, NULL when not used */
 	atomic_int threads_live;	/* serving threads not yet ended */
 	atomic_bool stopping;		/* unmount under way: ENODEV is expected */
+	atomic_bool failed;		/* a serving thread cannot go on: stop */
 	pthread_t main_thread;		/* woken with SIGUSR1 by ending threads */
 };
+
+/* A serving thread cannot go on (logged): ask the main thread to stop
+ * the export cleanly. */
+static void export_fail(struct export *exp)
+{
+	atomic_store(&exp->failed, true);
+	pthread_kill(exp->main_thread, SIGUSR1);
+}
 
 /* A serving thread is about to return: count it out and tell the main
  * thread (an unmount, or a fatal error). */
@@ -2147,6 +2344,7 @@ struct ring_queue {
 	void *hdr_mem, *payload_mem;
 	unsigned live;				/* entries not ended */
 	int setup_err, register_err;
+	int end_err;				/* last unexpected end of an entry */
 	_Atomic uint64_t served;		/* requests taken from the ring */
 };
 
@@ -2264,8 +2462,16 @@ static void ring_queue_free(struct ring_queue *q)
 	if (q->hdr_mem)
 		munmap(q->hdr_mem, round_up(hdr_size * pool->depth, page_size()));
 	free(q->ents);
-	if (q->ring.map)
-		ring_exit(&q->ring);
+	if (!q->ring.map)
+		return;
+	/* Closing a ring tears it down asynchronously (io_ring_exit_work),
+	 * and its fixed files -- the image among them -- stay open until
+	 * that runs, after we may have exited: a script that waited for us
+	 * could not unmount the image's file system or remove its device
+	 * yet.  Unregistering drops them now; the ring has nothing in flight
+	 * (every entry has ended). */
+	sys_io_uring_register(q->ring.fd, IORING_UNREGISTER_FILES, NULL, 0);
+	ring_exit(&q->ring);
 }
 
 /* An SQE for the queue; the counting invariant says there always is one. */
@@ -2454,12 +2660,17 @@ static void ring_queue_fuse_done(struct ring_queue *q, unsigned i, int res)
 		ring_queue_fuse_cmd(q, i);
 		return;
 	}
-	/* -ENOTCONN/-ECANCELED/-ENODEV: the connection is gone (normal end). */
-	if (e->registering && !q->register_err)
+	/* -ENOTCONN/-ECANCELED/-ENODEV: the connection is gone (normal end).
+	 * Anything else ends this entry only: the kernel has not re-armed it
+	 * and its commit_id is spent.  The queue serves on with the others
+	 * (ring_queue_main says so if none is left). */
+	if (e->registering && !q->register_err) {
 		q->register_err = res;
-	else if (res != -ENOTCONN && res != -ECANCELED && res != -ENODEV &&
-		 !q->pool->exp->stopping)
-		log_err("queue %u: entry %u: %s", q->qid, i, strerror(-res));
+	} else if (res != -ENOTCONN && res != -ECANCELED && res != -ENODEV &&
+		   !q->pool->exp->stopping) {
+		log_err("queue %u: entry %u: %s: entry retired", q->qid, i, strerror(-res));
+		q->end_err = res;
+	}
 	q->live--;
 }
 
@@ -2502,15 +2713,31 @@ static void ring_queue_register(struct ring_queue *q)
 	}
 }
 
+/*
+ * Serve until every entry has ended.  io_uring_enter failing (EINTR,
+ * EAGAIN and EBUSY are retried at once by ring_submit_wait) is retried
+ * every 10 ms; after ENTER_MAX_FAILURES in a row the export is stopped
+ * (one line), and the thread keeps reaping at a slower pace for the
+ * stop to end its entries.
+ */
+#define ENTER_MAX_FAILURES	100
+
 static void ring_queue_serve(struct ring_queue *q)
 {
+	unsigned failures = 0;
+
 	while (q->live > 0) {
 		int err = ring_submit_wait(&q->ring, 1);
 
-		if (err < 0) {
-			log_err("queue %u: io_uring_enter: %s", q->qid, strerror(-err));
-			sleep_ms(10);
+		if (err < 0 && ++failures == ENTER_MAX_FAILURES) {
+			log_err("queue %u: io_uring_enter: %s, %u times in a row: stopping the export",
+				q->qid, strerror(-err), failures);
+			export_fail(q->pool->exp);
 		}
+		if (err < 0)
+			sleep_ms(failures < ENTER_MAX_FAILURES ? 10 : 100);
+		else
+			failures = 0;
 		ring_queue_reap(q);
 	}
 }
@@ -2527,6 +2754,9 @@ static void *ring_queue_main(void *arg)
 		ring_queue_register(q);
 		ring_pool_report(pool);
 		ring_queue_serve(q);
+		if (q->end_err && !pool->exp->stopping)
+			log_err("queue %u: every entry has ended (last: %s): stopping the export",
+				q->qid, strerror(-q->end_err));
 	}
 	ring_queue_free(q);
 	export_thread_exited(pool->exp);
@@ -2652,6 +2882,7 @@ struct mount_opts {
 	bool allow_other;
 	bool privileged;		/* mount(2) vs fusermount3 */
 	dev_t dev;			/* the live export's st_dev, 0 before */
+	int watch_fd;			/* crash cleanup: see watcher_start() */
 };
 
 /* Decode the octal escapes (\040 for space) of a /proc/self/mountinfo field. */
@@ -2758,11 +2989,11 @@ static int fusermount_recv_fd(int sock)
 	return fd;
 }
 
-/* Run fusermount3 with 'argv'; 'quiet' sends its stderr to /dev/null. */
-static int fusermount_run(char *const argv[], int commfd, bool quiet)
+/* Start fusermount3 with 'argv', passing 'commfd' (-1: none); 'quiet'
+ * sends its stderr to /dev/null.  Returns its pid or -errno. */
+static pid_t fusermount_spawn(char *const argv[], int commfd, bool quiet)
 {
 	pid_t pid = fork();
-	int status;
 
 	if (pid < 0)
 		return -errno;
@@ -2782,6 +3013,15 @@ static int fusermount_run(char *const argv[], int commfd, bool quiet)
 		execvp("fusermount3", argv);
 		_exit(127);
 	}
+	return pid;
+}
+
+/* Reap fusermount3: 0 if it succeeded, -ENOENT if it could not be run,
+ * -EPERM for any failure it reported (on its stderr). */
+static int fusermount_wait(pid_t pid)
+{
+	int status;
+
 	while (waitpid(pid, &status, 0) < 0)
 		if (errno != EINTR)
 			return -errno;
@@ -2790,12 +3030,28 @@ static int fusermount_run(char *const argv[], int commfd, bool quiet)
 	return WIFEXITED(status) && WEXITSTATUS(status) == 0 ? 0 : -EPERM;
 }
 
-static int mount_fusermount(const struct mount_opts *mo, bool quiet)
+static int fusermount_run(char *const argv[], int commfd, bool quiet)
 {
-	char opts[256], fsname[300];
-	int sv[2], err, fd;
+	pid_t pid = fusermount_spawn(argv, commfd, quiet);
+
+	return pid < 0 ? (int)pid : fusermount_wait(pid);
+}
+
+/*
+ * Mount through fusermount3 with auto_unmount: it sends the /dev/fuse fd
+ * and then stays, waiting for its socket to close, and unmounts lazily if
+ * the mount is still there then -- our crash cleanup for users who cannot
+ * abort a connection (see watcher_start).  The socket becomes
+ * mo->watch_fd.  Returns the /dev/fuse fd or -errno.
+ */
+static int mount_fusermount(struct mount_opts *mo, bool quiet)
+{
+	char opts[300], fsname[300];
+	int sv[2], fd;
+	pid_t pid;
 
 	mount_opts_string(opts, sizeof(opts), mo, -1);
+	strncat(opts, ",auto_unmount", sizeof(opts) - strlen(opts) - 1);
 	/* fsname may not contain a comma: it would end the option. */
 	snprintf(fsname, sizeof(fsname), ",fsname=%s,subtype=uexportd", mo->source);
 	if (strchr(mo->source, ',') == NULL)
@@ -2807,11 +3063,21 @@ static int mount_fusermount(const struct mount_opts *mo, bool quiet)
 	{
 		char *argv[] = { "fusermount3", "-o", opts, "--", (char *)mo->target, NULL };
 
-		err = fusermount_run(argv, sv[0], quiet);
+		pid = fusermount_spawn(argv, sv[0], quiet);
 	}
 	close(sv[0]);
-	fd = err ? err : fusermount_recv_fd(sv[1]);
-	close(sv[1]);
+	fd = pid < 0 ? (int)pid : fusermount_recv_fd(sv[1]);
+	if (fd < 0) {
+		/* It failed and exited; its status says how. */
+		if (pid > 0) {
+			int err = fusermount_wait(pid);
+
+			fd = err ? err : fd;
+		}
+		close(sv[1]);
+		return fd;
+	}
+	mo->watch_fd = sv[1];
 	return fd;
 }
 
@@ -2851,6 +3117,91 @@ static void fuse_abort_connection(unsigned minor)
 		mount("fusectl", "/sys/fs/fuse/connections", "fusectl", 0, NULL);
 		write_file(path, "1");
 	}
+}
+
+/*
+ * Crash cleanup, with no library: a watcher process, forked right after
+ * the mount while the daemon is still one thread, holds the read end of a
+ * pipe whose write end only the daemon holds.  When the daemon ends -- a
+ * crash, SIGKILL, the OOM killer -- the pipe reads EOF; unless the daemon
+ * wrote WATCH_STOPPED first (its own stop is complete), the watcher aborts
+ * the connection, so clients fail at once instead of waiting on a dead
+ * daemon, and detaches the mount if it is still ours on top, so the mount
+ * point is free for the next start.  Root only (fusectl, umount2); other
+ * users get the same from fusermount3's auto_unmount (mount_fusermount).
+ */
+#define WATCH_STOPPED	'S'
+
+static void watcher_main(int rfd, const char *target, unsigned minor)
+{
+	bool stopped = false;
+	unsigned top = 0;
+	char c;
+	ssize_t n;
+
+	while ((n = read(rfd, &c, 1)) != 0) {
+		if (n < 0 && errno != EINTR)
+			break;
+		if (n == 1 && c == WATCH_STOPPED)
+			stopped = true;
+	}
+	if (stopped || !minor)
+		_exit(0);
+	fuse_abort_connection(minor);
+	if (mount_lookup(target, &top) == 1 && top == minor)
+		umount2(target, MNT_DETACH);
+	_exit(0);
+}
+
+/* Start the watcher for the mount just made on mo->target (topmost
+ * there); mo->watch_fd becomes the pipe's write end.  Call it while the
+ * process has one thread.  Returns 0 or -errno. */
+static int watcher_start(struct mount_opts *mo)
+{
+	unsigned minor = 0;
+	int p[2], null;
+	pid_t pid;
+
+	if (mount_lookup(mo->target, &minor) != 1)
+		return -ENOENT;
+	if (pipe2(p, O_CLOEXEC) < 0)
+		return -errno;
+	pid = fork();
+	if (pid < 0) {
+		int err = -errno;
+
+		close(p[0]);
+		close(p[1]);
+		return err;
+	}
+	if (pid == 0) {
+		/* Hold nothing of the daemon's -- its /dev/fuse fd would keep
+		 * the connection alive -- nor the caller's pipes. */
+		null = open("/dev/null", O_RDWR);
+		for (int fd = STDIN_FILENO; null >= 0 && fd <= STDERR_FILENO; fd++)
+			dup2(null, fd);
+		close_fd_range(STDERR_FILENO + 1, (unsigned)p[0] - 1);
+		close_fd_range((unsigned)p[0] + 1, ~0U);
+		setsid();
+		prctl(PR_SET_NAME, "uexportd-watch");
+		watcher_main(p[0], mo->target, minor);
+	}
+	close(p[0]);
+	mo->watch_fd = p[1];
+	return 0;
+}
+
+/* The stop is complete: the watcher (or fusermount3's auto_unmount) has
+ * nothing left to clean up.  Closing fusermount3's socket makes it look at
+ * the mount point at once, while it is still free of a successor. */
+static void watcher_stopped(struct mount_opts *mo)
+{
+	if (mo->watch_fd < 0)
+		return;
+	if (mo->privileged && write(mo->watch_fd, (char[]){ WATCH_STOPPED }, 1) < 0)
+		log_info("crash watcher: %s", strerror(errno));
+	close(mo->watch_fd);
+	mo->watch_fd = -1;
 }
 
 /* ======================================================================
@@ -3305,6 +3656,8 @@ static int startup_run(struct export *exp, struct startup *st, struct mount_opts
 	exp->dev_fd = mount_export(mo, o->allow_other == TRI_AUTO);
 	if (exp->dev_fd < 0)
 		return startup_mount_error(st, mo, exp->dev_fd);
+	if (mo->privileged && (err = watcher_start(mo)) < 0)
+		log_info("no crash cleanup for %s: %s", o->mountpoint, strerror(-err));
 	if ((err = startup_handshake(exp, st)) < 0)
 		return err;
 	if ((err = devfuse_start(exp)) < 0)
@@ -3401,18 +3754,6 @@ static void stdio_reserve(void)
 	} while (fd >= 0 && fd <= STDERR_FILENO);
 	if (fd > STDERR_FILENO)
 		close(fd);
-}
-
-static void close_fd_range(unsigned lo, unsigned hi)
-{
-	if (lo > hi)
-		return;
-#ifdef SYS_close_range
-	if (syscall(SYS_close_range, lo, hi, 0) == 0)
-		return;
-#endif
-	for (unsigned fd = lo; fd <= hi && fd < 1024; fd++)
-		close((int)fd);
 }
 
 /* A daemon keeps no descriptor its caller gave it (a script's pipe held
@@ -3607,19 +3948,23 @@ static void unmount_dead(const char *mountpoint)
 		umount2(abs, MNT_DETACH);
 }
 
+#define START_KILL_MS	5000	/* a signalled start-up that does not stop */
+
 /*
  * The parent's side of start-up: wait on 'rfd' for the child's "live" byte
  * and return the exit status to leave with.  The signals main() blocked
  * are taken here too: SIGINT, SIGTERM or SIGHUP (Ctrl-C, timeout(1), a
  * supervisor) are passed on to the child, which stops as soon as it can,
  * and the start counts as failed -- a caller that gave up never gets a
- * daemon it did not wait for, nor a parent that ignores it.
+ * daemon it did not wait for, nor a parent that ignores it.  A child that
+ * has not stopped START_KILL_MS later is killed.
  */
 static int daemonize_wait(pid_t child, int rfd, const char *mountpoint, struct pidfile *pf)
 {
 	static const struct timespec tick = { 0, 100 * 1000000L };
 	struct pollfd pfd = { .fd = rfd, .events = POLLIN };
 	bool interrupted = false;
+	uint64_t kill_at = UINT64_MAX;
 	sigset_t set;
 	int status;
 	char ok;
@@ -3635,6 +3980,7 @@ static int daemonize_wait(pid_t child, int rfd, const char *mountpoint, struct p
 			log_err("start-up interrupted by signal %d: stopping the daemon", sig);
 			kill(child, SIGTERM);
 			interrupted = true;
+			kill_at = now_ns() + START_KILL_MS * 1000000ull;
 		}
 		if (poll(&pfd, 1, 0) == 1) {
 			if (read(rfd, &ok, 1) == 1 && !interrupted)
@@ -3643,7 +3989,13 @@ static int daemonize_wait(pid_t child, int rfd, const char *mountpoint, struct p
 				break;	/* EOF: the child failed */
 		}
 		if (interrupted && waitpid(child, &status, WNOHANG) == child)
-			return 1;
+			return EXIT_FAILED;
+		/* A child stuck in the kernel (a mount point on a hung FUSE
+		 * mount) does not see SIGTERM: do not wait for it forever. */
+		if (interrupted && now_ns() > kill_at) {
+			kill(child, SIGKILL);
+			kill_at = UINT64_MAX;
+		}
 	}
 	/* The child failed; it has printed why, unless it was killed. */
 	if (waitpid(child, &status, 0) == child && WIFEXITED(status))
@@ -3662,8 +4014,8 @@ static int daemonize_wait(pid_t child, int rfd, const char *mountpoint, struct p
  * child, -errno if the pipe or the fork failed. */
 static int daemonize_begin(const char *mountpoint, struct pidfile *pf, int *ready_fd)
 {
+	pid_t parent = getpid(), pid;
 	int p[2];
-	pid_t pid;
 
 	close_inherited_fds(pf->fd);
 	if (pipe2(p, O_CLOEXEC) < 0) {
@@ -3685,6 +4037,11 @@ static int daemonize_begin(const char *mountpoint, struct pidfile *pf, int *read
 	}
 	close(p[0]);
 	*ready_fd = p[1];
+	/* Until live, the parent speaks for us: if it is killed, its caller
+	 * has given up (and may wait on our copy of its stdout), so stop. */
+	prctl(PR_SET_PDEATHSIG, SIGTERM);
+	if (getppid() != parent)
+		raise(SIGTERM);
 	setsid();
 	openlog("uexportd", LOG_PID, LOG_DAEMON);
 	return 0;
@@ -3698,6 +4055,7 @@ static void daemonize_finish(int ready_fd)
 
 	if (ready_fd < 0)
 		return;
+	prctl(PR_SET_PDEATHSIG, 0);
 	log_syslog = true;
 	null = open("/dev/null", O_RDWR);
 	if (null >= 0) {
@@ -3782,13 +4140,13 @@ static int export_flush(const struct mount_opts *mo)
  * the connection is gone (ENODEV), never by being cancelled.  'flush':
  * the export is live and served, write its page cache back first.
  */
-static void shutdown_export(struct export *exp, const struct mount_opts *mo, bool flush)
+static void shutdown_export(struct export *exp, struct mount_opts *mo, bool flush)
 {
 	unsigned ours = mo->dev ? minor(mo->dev) : 0, top = 0;
 	int err;
 
 	if (flush && (err = export_flush(mo)) < 0)
-		log_err("write-back of %s before unmounting: %s", mo->target, strerror(-err));
+		log_err("flush of %s before unmounting: %s", mo->target, strerror(-err));
 	exp->stopping = true;
 	/* Still mounted even if every thread is gone (an abort): a dead mount
 	 * must not outlive us.  Unmount only our own connection: something
@@ -3802,30 +4160,47 @@ static void shutdown_export(struct export *exp, const struct mount_opts *mo, boo
 	} else if (ours) {
 		log_info("%s is no longer our mount on top: not unmounting it", mo->target);
 	}
+	if (!mo->privileged)
+		watcher_stopped(mo);	/* before a successor can mount there */
 	if (!export_threads_wait(exp, SHUTDOWN_GRACE_MS) && mo->privileged && ours) {
 		log_info("clients still hold %s: aborting the connection", mo->target);
 		fuse_abort_connection(ours);
 	}
+	watcher_stopped(mo);
 }
 
 /*
  * Stop and flush the image.  The pidfile goes first: once the mount is
- * gone, a successor may start and take the same path.  Returns 0, or the
- * -errno of the image's final fsync (acknowledged writes may be lost),
- * logged here.
+ * gone, a successor may start and take the same path.  Serving threads
+ * that do not end within SHUTDOWN_GRACE_MS after the connection is gone
+ * (a ring the kernel keeps failing) are left to the process exit.
+ * Returns 0, or -EIO when acknowledged writes may be lost: the image's
+ * final fsync failed, or a write-back error was seen while serving (both
+ * logged).
  */
-static int stop_export(struct export *exp, const struct mount_opts *mo, struct pidfile *pf,
+static int stop_export(struct export *exp, struct mount_opts *mo, struct pidfile *pf,
 		       bool flush)
 {
+	struct image *img = &exp->img;
 	int err = 0;
 
 	pidfile_remove(pf);
 	shutdown_export(exp, mo, flush);
-	devfuse_join(exp);
-	ring_pool_join(exp->rings);
-	if (exp->img.writable && (err = image_sync(&exp->img, false)) < 0)
-		log_err("flush %s: %s", exp->img.path, strerror(-err));
-	return err;
+	if (export_threads_wait(exp, SHUTDOWN_GRACE_MS)) {
+		devfuse_join(exp);
+		ring_pool_join(exp->rings);
+	} else {
+		log_err("%d serving threads did not end: exiting without them",
+			atomic_load(&exp->threads_live));
+	}
+	image_log_flush(img);
+	if (img->writable && (err = image_sync(img, false)) < 0)
+		log_err("flush %s: %s", img->path, strerror(-err));
+	if (err || image_wb_errors(img))
+		log_err("%s: acknowledged writes may be lost (%u write-back errors while "
+			"serving, final flush: %s)", img->path, image_wb_errors(img),
+			err ? strerror(-err) : "ok");
+	return err || image_wb_errors(img) ? -EIO : 0;
 }
 
 /* Wait for a stop signal, or for a serving thread to end (an unmount, a
@@ -3848,22 +4223,23 @@ static bool export_wait_stop(struct export *exp)
 			log_info("signal %d: shutting down", si.si_signo);
 			break;
 		}
-		if (atomic_load(&exp->threads_live) < threads)
+		if (atomic_load(&exp->threads_live) < threads || atomic_load(&exp->failed))
 			break;		/* unmounted, or a thread failed */
 	}
-	return atomic_load(&exp->threads_live) == threads;
+	return atomic_load(&exp->threads_live) == threads && !atomic_load(&exp->failed);
 }
 
 /*
  * Start the export, go live (pidfile, the parent released through
- * 'ready_fd', READY=1), serve until stopped, stop.  Returns 0, or -errno
- * of a failed start or of the final flush (both logged).
+ * 'ready_fd', READY=1), serve until stopped, stop.  Returns the exit
+ * status: 0, EXIT_FAILED (a failed start, logged) or EXIT_DATA_LOST.
  */
 static int serve(struct export *exp, struct options *o, struct pidfile *pf, int ready_fd)
 {
 	struct mount_opts mo = {
 		.source = o->image, .target = o->mountpoint_abs,
 		.allow_other = o->allow_other != TRI_OFF, .privileged = geteuid() == 0,
+		.watch_fd = -1,
 	};
 	struct startup st = { .o = o };
 	int err = start_export(exp, &st, &mo);
@@ -3877,13 +4253,14 @@ static int serve(struct export *exp, struct options *o, struct pidfile *pf, int 
 	if (err) {
 		if (exp->dev_fd >= 0)
 			stop_export(exp, &mo, pf, false);
-		return err;
+		return EXIT_FAILED;
 	}
 	daemonize_finish(ready_fd);
 	notify_ready();
 	/* After an unmount the kernel has written its page cache back; a
 	 * read-only export has none to write. */
-	return stop_export(exp, &mo, pf, export_wait_stop(exp) && exp->img.writable);
+	err = stop_export(exp, &mo, pf, export_wait_stop(exp) && exp->img.writable);
+	return err ? EXIT_DATA_LOST : 0;
 }
 
 /* ======================================================================
@@ -4101,22 +4478,21 @@ int main(int argc, char **argv)
 	struct pidfile pf = { .fd = -1 };
 	struct export exp = { .dev_fd = -1 };
 	int ready_fd = -1;
-	int err = 0;
+	int err = 0, status;
 
 	stdio_reserve();
 	if (parse_options(argc, argv, &o) < 0)
-		return 2;
+		return EXIT_USAGE;
 	block_signals();
 	exp.main_thread = pthread_self();
 	if (o.pidfile && open_pidfile(&pf, o.pidfile) < 0)
-		return 1;
+		return EXIT_FAILED;
 	if (!o.foreground)
 		err = daemonize_begin(o.mountpoint, &pf, &ready_fd);
 	if (!err && (open_image(&exp, &o) < 0 || check_mountpoint(&o) < 0 ||
 		     pidfile_check(&pf, &o, &exp.img) < 0 || claim_mountpoint(&o) < 0))
 		err = -EINVAL;
-	if (!err)
-		err = serve(&exp, &o, &pf, ready_fd);
+	status = err ? EXIT_FAILED : serve(&exp, &o, &pf, ready_fd);
 	pidfile_remove(&pf);
-	return err < 0 ? 1 : 0;
+	return status;
 }

@@ -1,0 +1,118 @@
+#!/usr/bin/env bats
+# Crashes and stale state: what is left when the daemon dies, and what the
+# next start finds.
+
+load helpers
+
+# The crash watcher of daemon $DPID (root: its child, named uexportd-watch).
+watcher_pid() { pgrep -P "$DPID" -x uexportd-watch; }
+
+# blocks_over FILE N: FILE has more than N 512-byte blocks allocated.
+blocks_over() { [ "$(stat -c %b "$1")" -gt "$2" ]; }
+
+# A fio writer with verify, deep queue, that fsyncs every 64 writes.
+fio_writer() {
+	fio --name=crash --filename="$MNT" --direct=1 --ioengine=libaio --iodepth=64 \
+		--rw=randwrite --bs=4k --size=32M --time_based --runtime=60 \
+		--verify=crc32c --verify_fatal=1 --verify_state_save=0 --fsync=64 \
+		>"$W/fio.out" 2>&1
+}
+
+# kill_cycle N: start, put fio under load, SIGKILL the daemon; fio must end
+# within seconds, the mount must go, data fsync'd before the kill must be
+# intact and the next start must succeed.
+kill_cycle() {
+	local i fpid
+	for i in $(seq "$1"); do
+		rm -f "$IMG"
+		truncate -s 48M "$IMG"
+		start_export -w "$IMG" "$MNT"
+		fio_writer & fpid=$!
+		# fio is writing (the sparse image fills) before the kill.
+		wait_until 10 blocks_over "$IMG" 2048 ||
+			{ echo "cycle $i: fio does not write" >&2; cat "$W/fio.out" >&2; return 1; }
+		# Something fsync'd at a known place: it must survive the kill.
+		echo "cycle $i survives" | dd of="$MNT" bs=1 seek=$((40 << 20)) conv=notrunc,fsync status=none
+		kill -9 "$DPID"
+		wait_until 10 pid_gone "$fpid" || { echo "cycle $i: fio still running 10 s after the kill" >&2; kill -9 "$fpid"; return 1; }
+		wait "$fpid" || true
+		wait_until 5 not_mounted "$MNT" || { echo "cycle $i: mount left behind" >&2; return 1; }
+		[ "$(dd if="$IMG" bs=1 skip=$((40 << 20)) count=$((15 + ${#i})) status=none)" = "cycle $i survives" ] ||
+			{ echo "cycle $i: fsync'd data lost" >&2; return 1; }
+		rm -f "$PIDFILE"
+	done
+}
+
+@test "kill -9 under a deep-queue fio load: fio ends, no mount left, fsync'd data intact, restarts" {
+	require_root
+	require_cmd fio
+	truncate -s 48M "$IMG"
+	kill_cycle 3
+	start_export -w "$IMG" "$MNT"
+	stop_export
+}
+
+@test "kill -9 cycles, long" {
+	[ -n "${LONG:-}" ] || skip "long: make check-long"
+	require_root
+	require_cmd fio
+	truncate -s 48M "$IMG"
+	kill_cycle 20
+}
+
+@test "a dead mount left by a crash is named at the next start; --clean-stale detaches it" {
+	require_root
+	truncate -s 16M "$IMG"
+	start_export -w "$IMG" "$MNT"
+	# Kill the watcher first: the mount stays behind, dead.
+	wpid=$(watcher_pid)
+	[ -n "$wpid" ]
+	kill -9 "$wpid" "$DPID"
+	wait_until 5 pid_gone "$DPID"
+	rm -f "$PIDFILE"
+	is_mounted "$MNT"
+	run "$UEXPORTD" $(transport_opt) -w "$IMG" "$MNT"
+	[ "$status" -eq 1 ]
+	[[ "$output" == *"mount point $MNT: a dead FUSE mount is still there"*"umount -l $MNT"*"--clean-stale"* ]]
+	start_export -w --clean-stale "$IMG" "$MNT"
+	[ "$(grep -c " $MNT fuse" /proc/mounts)" = 1 ]
+	echo hello | dd of="$MNT" conv=notrunc status=none
+	stop_export
+	[ "$(head -c 5 "$IMG")" = hello ]
+	not_mounted "$MNT"
+}
+
+@test "a mount point on a hung FUSE mount fails the start in bounded time" {
+	require_root
+	truncate -s 16M "$IMG" "$W/inner.raw"
+	start_export -w "$IMG" "$MNT"
+	kill -STOP "$DPID"
+	touch "$W/other"
+	run timeout 30 "$UEXPORTD" $(transport_opt) -w "$W/inner.raw" "$MNT"
+	kill -CONT "$DPID"
+	[ "$status" -eq 1 ]
+	[[ "$output" == *"mount point $MNT: no answer in 5 s"* ]]
+	stop_export
+}
+
+@test "after the daemon exits and is reaped, its image can be released at once" {
+	require_root
+	require_cmd mkfs.ext4
+	local i pid
+	truncate -s 64M "$W/fs.img"
+	mkfs.ext4 -q -F "$W/fs.img"
+	mkdir "$W/fs"
+	mount -o loop "$W/fs.img" "$W/fs" || skip "cannot loop-mount an ext4 image"
+	truncate -s 16M "$W/fs/disk.raw"
+	for i in 1 2 3 4 5; do
+		"$UEXPORTD" $(transport_opt) -f -w "$W/fs/disk.raw" "$MNT" 2>"$LOG" & pid=$!
+		wait_until 10 is_mounted "$MNT"
+		dd if=/dev/zero of="$MNT" bs=1M count=4 conv=notrunc,fsync status=none
+		kill -TERM "$pid"
+		wait "$pid"
+		# The image's file system must be free now, not some time later.
+		umount "$W/fs" || { echo "round $i: image still held after the daemon exited" >&2; false; }
+		mount -o loop "$W/fs.img" "$W/fs"
+	done
+	umount "$W/fs"
+}
