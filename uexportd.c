@@ -1199,7 +1199,8 @@ static int image_open_path(struct image *img, const char *path)
 		if (img->align < page_size())
 			img->align = (uint32_t)page_size();
 	}
-	img->in_memory = fstatfs(fd, &sfs) == 0 &&
+	/* A device node's file system (devtmpfs) says nothing of the device. */
+	img->in_memory = S_ISREG(st.st_mode) && fstatfs(fd, &sfs) == 0 &&
 		(sfs.f_type == TMPFS_MAGIC || sfs.f_type == RAMFS_MAGIC);
 	img->atime = st.st_atim;
 	img->mtime = st.st_mtim;
@@ -1783,7 +1784,7 @@ static void fuse_io_complete(struct image *img, struct fuse_reply *rep, ssize_t 
 		rep->out_zeros = io->zeros;
 		return;
 	}
-	if (img->growable)
+	if (img->growable && res > 0)
 		image_size_grow(img, io->off + (uint64_t)res);
 	fuse_reply_written(rep, (uint32_t)res);
 }
