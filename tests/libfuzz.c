@@ -151,6 +151,7 @@ static void fz_bytes(struct fz_in *in, void *dst, size_t n)
 
 struct fz_image {
 	struct export exp;
+	struct export opened;		/* exp as image_open() left it */
 	const struct image_ops *real;	/* the backend's table */
 	struct image_ops ops;		/* the same, through the checks below */
 	uint64_t base_size;
@@ -256,6 +257,7 @@ static void fz_image_open(int v, const char *path, bool direct)
 	f->ops.fallocate = fz_fallocate;
 	img->ops = &f->ops;
 	f->base_size = img->size;
+	memcpy(&f->opened, &f->exp, sizeof(f->opened));
 }
 
 static void fz_images_open(void)
@@ -292,13 +294,16 @@ static void fz_images_open(void)
 	}
 }
 
-/* The state an input starts from: the image's size, contents (all hole),
- * page cache and attributes, and this input's settings. */
+/* The state an input starts from: the export as opened (whatever state the
+ * daemon keeps there, e.g. for open files), the image's size, contents (all
+ * hole) and page cache, and this input's settings. */
 static struct image *fz_image_reset(int v, unsigned flags)
 {
 	struct fz_image *f = &fz_images[v];
 	struct image *img = &f->exp.img;
 	int fd = img->fds[IMAGE_FD_MAIN];
+
+	memcpy(&f->exp, &f->opened, sizeof(f->exp));
 
 	if (fz_is_file(v)) {
 		if (ftruncate(fd, 0) < 0 || ftruncate(fd, (off_t)f->base_size) < 0)
