@@ -18,7 +18,7 @@ PROFDATA=${PROFDATA:-llvm-profdata-14}
 COV=${COV:-llvm-cov-14}
 MAKE=${MAKE:-make}
 mode=${1:-}
-[ $# -ge 2 ] || { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+[ $# -ge 2 ] || { awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0"; exit 2; }
 shift
 
 # Functions of the request path, by name (a renamed one drops out).
