@@ -13,6 +13,30 @@ FUZZ_SAN ?= -fsanitize=address,undefined -fno-sanitize-recover=all
 tests/fuzz: tests/fuzz.c uexportd.c fuse_kernel.h
 	$(CC) $(CFLAGS) $(FUZZ_SAN) -o $@ tests/fuzz.c $(LDLIBS)
 
+# The same path, coverage-guided: libFuzzer drives both transports (a fake
+# ring, a pipe for /dev/fuse), fuse_init() and every backend (tests/libfuzz.c).
+# Needs clang and its libFuzzer runtime (Debian: clang-14, libclang-rt-14-dev).
+FUZZ_CC    ?= $(if $(shell command -v clang-14 2>/dev/null),clang-14,clang)
+LIBFUZZ_SAN ?= -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all
+tests/libfuzz: tests/libfuzz.c uexportd.c fuse_kernel.h
+	$(FUZZ_CC) -g -O1 -std=gnu11 -Wall -Wextra -D_FILE_OFFSET_BITS=64 $(LIBFUZZ_SAN) \
+		-o $@ tests/libfuzz.c $(LDLIBS)
+
+# The seed corpus (tests/fuzz-corpus/), as the harness writes it.
+fuzz-seeds: tests/libfuzz
+	rm -rf tests/fuzz-corpus
+	UEXPORTD_FUZZ_SEEDS=tests/fuzz-corpus tests/libfuzz
+
+# Coverage of uexportd.c by the fuzzers (clang source-based coverage, read
+# with llvm-14's llvm-profdata and llvm-cov): see tests/fuzz-cov.sh.
+COV_FLAGS ?= -g -O1 -fprofile-instr-generate -fcoverage-mapping
+tests/libfuzz-cov: tests/libfuzz.c uexportd.c fuse_kernel.h
+	$(FUZZ_CC) $(COV_FLAGS) -std=gnu11 -Wall -Wextra -D_FILE_OFFSET_BITS=64 \
+		-fsanitize=fuzzer -o $@ tests/libfuzz.c $(LDLIBS)
+tests/fuzz-cov: tests/fuzz.c uexportd.c fuse_kernel.h
+	$(FUZZ_CC) $(COV_FLAGS) -std=gnu11 -Wall -Wextra -D_FILE_OFFSET_BITS=64 \
+		-o $@ tests/fuzz.c $(LDLIBS)
+
 # Table-driven tests of the pure parsers (tests/unit.c), under the same sanitizers.
 tests/unit: tests/unit.c uexportd.c fuse_kernel.h
 	$(CC) $(CFLAGS) $(FUZZ_SAN) -o $@ tests/unit.c $(LDLIBS)
@@ -60,6 +84,7 @@ install: uexportd
 	install -D -m 0755 uexportd $(DESTDIR)$(PREFIX)/bin/uexportd
 
 clean:
-	rm -rf uexportd uexportd-static uexportd-musl tests/fsops tests/fuzz tests/unit tests/nullfloor tests/faultfs .musl-include
+	rm -rf uexportd uexportd-static uexportd-musl tests/fsops tests/fuzz tests/unit tests/nullfloor tests/faultfs tests/libfuzz \
+		tests/libfuzz-cov tests/fuzz-cov .musl-include
 
-.PHONY: all static static-musl check check-long demo bench install clean
+.PHONY: all static static-musl check check-long demo bench install clean fuzz-seeds
