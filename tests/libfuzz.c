@@ -303,6 +303,9 @@ static struct image *fz_image_reset(int v, unsigned flags)
 	struct image *img = &f->exp.img;
 	int fd = img->fds[IMAGE_FD_MAIN];
 
+	/* The open-file table is the one thing the daemon allocates per
+	 * input (OPEN): free it, the copy has none. */
+	free(f->exp.img.files.slots);
 	memcpy(&f->exp, &f->opened, sizeof(f->exp));
 
 	if (fz_is_file(v)) {
