@@ -2884,6 +2884,7 @@ struct mount_opts {
 	bool privileged;		/* mount(2) vs fusermount3 */
 	dev_t dev;			/* the live export's st_dev, 0 before */
 	int watch_fd;			/* crash cleanup: see watcher_start() */
+	char why[256];			/* fusermount3's reason for failing */
 };
 
 /* Decode the octal escapes (\040 for space) of a /proc/self/mountinfo field. */
@@ -2990,27 +2991,29 @@ static int fusermount_recv_fd(int sock)
 	return fd;
 }
 
-/* Start fusermount3 with 'argv', passing 'commfd' (-1: none); 'quiet'
- * sends its stderr to /dev/null.  Returns its pid or -errno. */
-static pid_t fusermount_spawn(char *const argv[], int commfd, bool quiet)
+/* Start fusermount3 with 'argv', passing 'commfd' (-1: none), its stderr
+ * on 'errfd' (-1: /dev/null).  It gets none of our other descriptors, nor
+ * our stdin and stdout: with auto_unmount it outlives start-up, and must
+ * not hold a caller's pipe open.  Returns its pid or -errno. */
+static pid_t fusermount_spawn(char *const argv[], int commfd, int errfd)
 {
 	pid_t pid = fork();
 
 	if (pid < 0)
 		return -errno;
 	if (pid == 0) {
+		int null = open("/dev/null", O_RDWR);
 		char env[32];
 
 		if (commfd >= 0) {
 			snprintf(env, sizeof(env), "%d", commfd);
 			setenv("_FUSE_COMMFD", env, 1);
 		}
-		if (quiet) {
-			int null = open("/dev/null", O_WRONLY);
-
-			if (null >= 0)
-				dup2(null, STDERR_FILENO);
+		if (null >= 0) {
+			dup2(null, STDIN_FILENO);
+			dup2(null, STDOUT_FILENO);
 		}
+		dup2(errfd >= 0 ? errfd : null, STDERR_FILENO);
 		execvp("fusermount3", argv);
 		_exit(127);
 	}
@@ -3031,11 +3034,25 @@ static int fusermount_wait(pid_t pid)
 	return WIFEXITED(status) && WEXITSTATUS(status) == 0 ? 0 : -EPERM;
 }
 
-static int fusermount_run(char *const argv[], int commfd, bool quiet)
+/* Run fusermount3 to the end, its stderr on ours unless 'quiet'. */
+static int fusermount_run(char *const argv[], bool quiet)
 {
-	pid_t pid = fusermount_spawn(argv, commfd, quiet);
+	pid_t pid = fusermount_spawn(argv, -1, quiet ? -1 : STDERR_FILENO);
 
 	return pid < 0 ? (int)pid : fusermount_wait(pid);
+}
+
+/* The first line fusermount3 wrote on the pipe 'fd' (its reason for
+ * failing), without its "fusermount3: " prefix, into 'buf'. */
+static void fusermount_reason(int fd, char *buf, size_t cap)
+{
+	ssize_t n = read(fd, buf, cap - 1);
+	const char *p = "fusermount3: ";
+
+	buf[n > 0 ? n : 0] = '\0';
+	buf[strcspn(buf, "\n")] = '\0';
+	if (strncmp(buf, p, strlen(p)) == 0)
+		memmove(buf, buf + strlen(p), strlen(buf + strlen(p)) + 1);
 }
 
 /*
@@ -3048,7 +3065,7 @@ static int fusermount_run(char *const argv[], int commfd, bool quiet)
 static int mount_fusermount(struct mount_opts *mo, bool quiet)
 {
 	char opts[300], fsname[300];
-	int sv[2], fd;
+	int sv[2], ep[2] = { -1, -1 }, fd;
 	pid_t pid;
 
 	mount_opts_string(opts, sizeof(opts), mo, -1);
@@ -3059,26 +3076,35 @@ static int mount_fusermount(struct mount_opts *mo, bool quiet)
 		strncat(opts, fsname, sizeof(opts) - strlen(opts) - 1);
 	if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) < 0)
 		return -errno;
+	/* Its stderr is read back, not passed through: it says why it failed. */
+	if (!quiet && pipe2(ep, O_CLOEXEC) < 0)
+		ep[0] = ep[1] = -1;
 	/* The child end must survive exec: clear its CLOEXEC flag. */
 	fcntl(sv[0], F_SETFD, 0);
 	{
 		char *argv[] = { "fusermount3", "-o", opts, "--", (char *)mo->target, NULL };
 
-		pid = fusermount_spawn(argv, sv[0], quiet);
+		pid = fusermount_spawn(argv, sv[0], ep[1]);
 	}
 	close(sv[0]);
+	if (ep[1] >= 0)
+		close(ep[1]);
 	fd = pid < 0 ? (int)pid : fusermount_recv_fd(sv[1]);
 	if (fd < 0) {
-		/* It failed and exited; its status says how. */
+		/* It failed and exited; its status and stderr say how. */
 		if (pid > 0) {
 			int err = fusermount_wait(pid);
 
 			fd = err ? err : fd;
 		}
+		if (ep[0] >= 0)
+			fusermount_reason(ep[0], mo->why, sizeof(mo->why));
 		close(sv[1]);
-		return fd;
+	} else {
+		mo->watch_fd = sv[1];
 	}
-	mo->watch_fd = sv[1];
+	if (ep[0] >= 0)
+		close(ep[0]);
 	return fd;
 }
 
@@ -3104,7 +3130,7 @@ static int unmount_export(const struct mount_opts *mo, bool lazy)
 
 	if (mo->privileged)
 		return umount2(mo->target, lazy ? MNT_DETACH : 0) < 0 ? -errno : 0;
-	return fusermount_run(lazy ? detach : eager, -1, !lazy);
+	return fusermount_run(lazy ? detach : eager, !lazy);
 }
 
 /* Abort the connection through fusectl: the last resort when clients still
@@ -3125,15 +3151,35 @@ static void fuse_abort_connection(unsigned minor)
  * the mount while the daemon is still one thread, holds the read end of a
  * pipe whose write end only the daemon holds.  When the daemon ends -- a
  * crash, SIGKILL, the OOM killer -- the pipe reads EOF; unless the daemon
- * wrote WATCH_STOPPED first (its own stop is complete), the watcher aborts
- * the connection, so clients fail at once instead of waiting on a dead
- * daemon, and detaches the mount if it is still ours on top, so the mount
- * point is free for the next start.  Root only (fusectl, umount2); other
- * users get the same from fusermount3's auto_unmount (mount_fusermount).
+ * wrote WATCH_STOPPED first (its own stop is complete), the watcher
+ * cleans up.  As root it aborts the connection, so clients fail at once
+ * instead of waiting on a dead daemon, and detaches the mount if it is
+ * still ours on top, so the mount point is free for the next start.  A
+ * user's watcher waits for the connection to be dead -- with io_uring
+ * some time after the daemon is gone: the rings hold the device -- and
+ * detaches it with fusermount3; it also holds fusermount3's auto_unmount
+ * socket (mount_fusermount), which covers allow_other mounts if the
+ * watcher is killed too.
  */
 #define WATCH_STOPPED	'S'
+#define WATCH_DEAD_MS	10000	/* a user's connection to die after a crash */
 
-static void watcher_main(int rfd, const char *target, unsigned minor)
+/* Wait, bounded, until the connection behind 'target' is dead: true if
+ * it is. */
+static bool watcher_wait_dead(const char *target)
+{
+	uint64_t deadline = now_ns() + WATCH_DEAD_MS * 1000000ull;
+	struct stat st;
+
+	while (now_ns() < deadline) {
+		if (stat(target, &st) < 0 && (errno == ENOTCONN || errno == ECONNABORTED))
+			return true;
+		sleep_ms(20);
+	}
+	return false;
+}
+
+static void watcher_main(int rfd, const char *target, unsigned minor, int sock)
 {
 	bool stopped = false;
 	unsigned top = 0;
@@ -3146,24 +3192,34 @@ static void watcher_main(int rfd, const char *target, unsigned minor)
 		if (n == 1 && c == WATCH_STOPPED)
 			stopped = true;
 	}
-	if (stopped || !minor)
-		_exit(0);
-	fuse_abort_connection(minor);
-	if (mount_lookup(target, &top) == 1 && top == minor)
-		umount2(target, MNT_DETACH);
+	/* A user's dead mount: fusermount3's auto_unmount (Debian's 3.14)
+	 * cannot see that it is dead unless it was mounted allow_other (it
+	 * gets EACCES), so detach it with fusermount3 -u -z ourselves. */
+	if (!stopped && sock >= 0 && watcher_wait_dead(target)) {
+		char *argv[] = { "fusermount3", "-u", "-z", "-q", "--", (char *)target, NULL };
+
+		close(sock);
+		execvp("fusermount3", argv);
+	}
+	if (!stopped && minor) {
+		fuse_abort_connection(minor);
+		if (mount_lookup(target, &top) == 1 && top == minor)
+			umount2(target, MNT_DETACH);
+	}
 	_exit(0);
 }
 
 /* Start the watcher for the mount just made on mo->target (topmost
- * there); mo->watch_fd becomes the pipe's write end.  Call it while the
- * process has one thread.  Returns 0 or -errno. */
+ * there); mo->watch_fd (fusermount3's socket for a user, handed to the
+ * watcher) becomes the pipe's write end.  Call it while the process has
+ * one thread.  Returns 0 or -errno. */
 static int watcher_start(struct mount_opts *mo)
 {
+	int sock = mo->watch_fd, p[2], null;
 	unsigned minor = 0;
-	int p[2], null;
 	pid_t pid;
 
-	if (mount_lookup(mo->target, &minor) != 1)
+	if (mo->privileged && mount_lookup(mo->target, &minor) != 1)
 		return -ENOENT;
 	if (pipe2(p, O_CLOEXEC) < 0)
 		return -errno;
@@ -3181,13 +3237,20 @@ static int watcher_start(struct mount_opts *mo)
 		null = open("/dev/null", O_RDWR);
 		for (int fd = STDIN_FILENO; null >= 0 && fd <= STDERR_FILENO; fd++)
 			dup2(null, fd);
+		if (sock >= 0 && sock != p[0] + 1) {
+			sock = dup2(sock, p[0] + 1);
+		}
 		close_fd_range(STDERR_FILENO + 1, (unsigned)p[0] - 1);
-		close_fd_range((unsigned)p[0] + 1, ~0U);
+		close_fd_range((unsigned)p[0] + (sock >= 0 ? 2 : 1), ~0U);
 		setsid();
 		prctl(PR_SET_NAME, "uexportd-watch");
-		watcher_main(p[0], mo->target, minor);
+		if (sock < 0)	/* a user's watcher runs the setuid fusermount3 */
+			prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
+		watcher_main(p[0], mo->target, minor, sock);
 	}
 	close(p[0]);
+	if (sock >= 0)
+		close(sock);		/* the watcher's alone now */
 	mo->watch_fd = p[1];
 	return 0;
 }
@@ -3199,7 +3262,7 @@ static void watcher_stopped(struct mount_opts *mo)
 {
 	if (mo->watch_fd < 0)
 		return;
-	if (mo->privileged && write(mo->watch_fd, (char[]){ WATCH_STOPPED }, 1) < 0)
+	if (write(mo->watch_fd, (char[]){ WATCH_STOPPED }, 1) < 0)
 		log_info("crash watcher: %s", strerror(errno));
 	close(mo->watch_fd);
 	mo->watch_fd = -1;
@@ -3641,7 +3704,8 @@ static int startup_mount_error(struct startup *st, const struct mount_opts *mo, 
 				    strerror(-err));
 	if (err == -ENOENT)
 		return startup_fail(st, err, "fusermount3 not found: install fuse3 or run as root");
-	return startup_fail(st, err, "mount on %s: %s", st->o->mountpoint, strerror(-err));
+	return startup_fail(st, err, "mount on %s: %s", st->o->mountpoint,
+			    mo->why[0] ? mo->why : strerror(-err));
 }
 
 /* Mount, negotiate, start the transports: the phases above, in order. */
@@ -3657,7 +3721,7 @@ static int startup_run(struct export *exp, struct startup *st, struct mount_opts
 	exp->dev_fd = mount_export(mo, o->allow_other == TRI_AUTO);
 	if (exp->dev_fd < 0)
 		return startup_mount_error(st, mo, exp->dev_fd);
-	if (mo->privileged && (err = watcher_start(mo)) < 0)
+	if ((err = watcher_start(mo)) < 0)
 		log_info("no crash cleanup for %s: %s", o->mountpoint, strerror(-err));
 	if ((err = startup_handshake(exp, st)) < 0)
 		return err;
@@ -4258,6 +4322,11 @@ static int serve(struct export *exp, struct options *o, struct pidfile *pf, int 
 	}
 	daemonize_finish(ready_fd);
 	notify_ready();
+	/* Nothing is executed from here on as root (umount2, not fusermount3),
+	 * so nothing may gain privileges through exec either.  A user's
+	 * daemon needs the setuid fusermount3 to unmount: not for it. */
+	if (mo.privileged)
+		prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
 	/* After an unmount the kernel has written its page cache back; a
 	 * read-only export has none to write. */
 	err = stop_export(exp, &mo, pf, export_wait_stop(exp) && exp->img.writable);
@@ -4482,6 +4551,8 @@ int main(int argc, char **argv)
 	int err = 0, status;
 
 	stdio_reserve();
+	/* The pidfile is the only file we create: never group/world-writable. */
+	umask(umask(0) | 022);
 	if (parse_options(argc, argv, &o) < 0)
 		return EXIT_USAGE;
 	block_signals();

@@ -4,6 +4,14 @@
 
 load helpers
 
+# The unprivileged test's directory is outside helpers' tmpdir.
+teardown_hook() {
+	[ -n "${USER_DIR:-}" ] || return 0
+	[ -f "$USER_DIR/pid" ] && kill -9 "$(cat "$USER_DIR/pid")" 2>/dev/null
+	umount -l "$USER_DIR/mnt" 2>/dev/null
+	rm -rf "$USER_DIR"
+}
+
 # The crash watcher of daemon $DPID (root: its child, named uexportd-watch).
 watcher_pid() { pgrep -P "$DPID" -x uexportd-watch; }
 
@@ -115,4 +123,27 @@ kill_cycle() {
 		mount -o loop "$W/fs.img" "$W/fs"
 	done
 	umount "$W/fs"
+}
+
+@test "an unprivileged daemon's kill -9 leaves no mount either; capturing its output does not hang" {
+	require_root
+	require_cmd fusermount3
+	require_cmd setpriv
+	# Its own directory: the user must reach it, helpers' tmpdir may not be.
+	USER_DIR=$(mktemp -d /tmp/uexportd-crash.XXXXXX)
+	chmod 755 "$USER_DIR"
+	truncate -s 16M "$USER_DIR/img"
+	touch "$USER_DIR/mnt"
+	chown 65534:65534 "$USER_DIR" "$USER_DIR/img" "$USER_DIR/mnt"
+	# $(...) returns only when nobody holds the pipe: not the daemon, not
+	# fusermount3 (it stays, for auto_unmount), not the watcher.
+	out=$(timeout 30 setpriv --reuid=65534 --regid=65534 --clear-groups "$UEXPORTD" $(transport_opt) -v -w \
+		-p "$USER_DIR/pid" "$USER_DIR/img" "$USER_DIR/mnt" 2>&1) || {
+		echo "$out"
+		[[ "$out" == *"Operation not permitted"* ]] && skip "io_uring or FUSE refused to this user: $out"
+		false; }
+	[[ "$out" == *"transport=$UEXPORTD_TRANSPORT"* ]]
+	is_mounted "$USER_DIR/mnt"
+	kill -9 "$(cat "$USER_DIR/pid")"
+	wait_until 15 not_mounted "$USER_DIR/mnt"
 }
