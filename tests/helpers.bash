@@ -84,7 +84,11 @@ expected_memory_plan() {
 
 is_mounted() { grep -q " $(realpath "$1") fuse" /proc/mounts; }
 not_mounted() { ! is_mounted "$1"; }
-pid_gone() { ! kill -0 "$1" 2>/dev/null; }
+# pid_gone PID: the process has ended.  A zombie has: it has closed its
+# descriptors, released its mounts and left its exit status.
+# A daemonized uexportd is an orphan, reaped by PID 1 whenever PID 1 gets to
+# it (up to 2 s on this VM's init), so kill -0 alone would wait for that.
+pid_gone() { exited "$1"; }
 # exited PID: PID, a child of this shell, has ended (a zombie not yet
 # reaped by wait counts: kill -0 still succeeds on it).
 exited() {
