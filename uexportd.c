@@ -2287,6 +2287,8 @@ static void devfuse_join(struct export *exp)
 {
 	for (unsigned i = 0; exp->devfuse && i < exp->devfuse->nr_workers; i++)
 		pthread_join(exp->devfuse->workers[i].thread, NULL);
+	free(exp->devfuse);	/* the threads are gone: nothing points into it */
+	exp->devfuse = NULL;
 }
 
 /* ======================================================================
@@ -4265,7 +4267,13 @@ static int stop_export(struct export *exp, struct mount_opts *mo, struct pidfile
 		log_err("%s: acknowledged writes may be lost (%u write-back errors while "
 			"serving, final flush: %s)", img->path, image_wb_errors(img),
 			err ? strerror(-err) : "ok");
-	return err || image_wb_errors(img) ? -EIO : 0;
+	err = err || image_wb_errors(img) ? -EIO : 0;
+	if (!exp->devfuse) {		/* joined: no request can come any more */
+		free(img->files.slots);
+		img->files.slots = NULL;
+		img->files.nr_slots = 0;
+	}
+	return err;
 }
 
 /* Wait for a stop signal, or for a serving thread to end (an unmount, a
