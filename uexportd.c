@@ -63,6 +63,9 @@
 #include <sys/un.h>
 #include <sys/wait.h>
 #include <linux/io_uring.h>
+#ifndef STATX_TYPE		/* musl declares no statx(): the uapi's struct */
+#include <linux/stat.h>
+#endif
 
 #include "fuse_kernel.h"
 
@@ -2346,7 +2349,8 @@ struct ring_queue {
 	struct ring_entry *ents;
 	void *hdr_mem, *payload_mem;
 	unsigned live;				/* entries not ended */
-	int setup_err, register_err;
+	int setup_err, register_err;		/* read by main after each report */
+	bool registered;			/* register_err reported: now main's */
 	int end_err;				/* last unexpected end of an entry */
 	_Atomic uint64_t served;		/* requests taken from the ring */
 };
@@ -2667,8 +2671,9 @@ static void ring_queue_fuse_done(struct ring_queue *q, unsigned i, int res)
 	 * Anything else ends this entry only: the kernel has not re-armed it
 	 * and its commit_id is spent.  The queue serves on with the others
 	 * (ring_queue_main says so if none is left). */
-	if (e->registering && !q->register_err) {
-		q->register_err = res;
+	if (e->registering && !q->registered) {
+		if (!q->register_err)
+			q->register_err = res;
 	} else if (res != -ENOTCONN && res != -ECANCELED && res != -ENODEV &&
 		   !q->pool->exp->stopping) {
 		log_err("queue %u: entry %u: %s: entry retired", q->qid, i, strerror(-res));
@@ -2714,6 +2719,9 @@ static void ring_queue_register(struct ring_queue *q)
 		if (ring_submit_wait(&q->ring, 0) < 0 || ring_queue_reap(q) == 0)
 			break;
 	}
+	/* Entries still parked in REGISTER end (ENOTCONN) only at the stop,
+	 * long after main has read register_err: not REGISTER errors. */
+	q->registered = true;
 }
 
 /*
@@ -2885,6 +2893,8 @@ struct mount_opts {
 	bool allow_other;
 	bool privileged;		/* mount(2) vs fusermount3 */
 	dev_t dev;			/* the live export's st_dev, 0 before */
+	uint64_t mnt_id;		/* mount_unique_id() of ours, 0 unknown */
+	unsigned minor;			/* our connection's device minor, 0 unknown */
 	int watch_fd;			/* crash cleanup: see watcher_start() */
 	char why[256];			/* fusermount3's reason for failing */
 };
@@ -2935,6 +2945,56 @@ static int mount_lookup(const char *path, unsigned *minor_out)
 	free(line);
 	fclose(f);
 	return found;
+}
+
+#ifndef STATX_MNT_ID_UNIQUE
+#define STATX_MNT_ID_UNIQUE	0x00004000U	/* linux/stat.h, Linux 6.8 */
+#endif
+
+/*
+ * The unique ID of the mount on top of 'path': never reused while the
+ * system runs, unlike the device minor of a FUSE connection or the mount
+ * ID of mountinfo, which the next mount may take over.  0 when the kernel
+ * cannot tell (before 6.8) or statx fails.  AT_STATX_DONT_SYNC makes a
+ * FUSE mount answer from cached attributes without sending a request
+ * (fs/fuse/dir.c, fuse_update_get_attr()): a dead or hung one cannot
+ * block the caller.
+ */
+static uint64_t mount_unique_id(const char *path, unsigned *minor_out)
+{
+	struct statx stx = { 0 };
+
+	if (syscall(SYS_statx, AT_FDCWD, path,
+		    AT_SYMLINK_NOFOLLOW | AT_NO_AUTOMOUNT | AT_STATX_DONT_SYNC,
+		    STATX_MNT_ID_UNIQUE, &stx) < 0 || !(stx.stx_mask & STATX_MNT_ID_UNIQUE))
+		return 0;
+	if (minor_out)
+		*minor_out = stx.stx_dev_minor;
+	return stx.stx_mnt_id;
+}
+
+/*
+ * Is our export still the mount on top of mo->target?  By the unique ID
+ * when the kernel has one.  Before 6.8, by the connection's device minor in
+ * mountinfo: once our connection is gone, the next FUSE mount there may
+ * have been given the same minor, and would be taken for ours.
+ */
+static bool mount_is_ours(const struct mount_opts *mo)
+{
+	unsigned top = 0;
+
+	if (mo->mnt_id)
+		return mount_unique_id(mo->target, NULL) == mo->mnt_id;
+	return mount_lookup(mo->target, &top) == 1 && top == mo->minor;
+}
+
+/* Just mounted, nothing stacked on it yet: note who we are (mnt_id,
+ * minor) for the checks at the stop and after a crash. */
+static void mount_note_identity(struct mount_opts *mo)
+{
+	mo->mnt_id = mount_unique_id(mo->target, &mo->minor);
+	if (!mo->mnt_id && mount_lookup(mo->target, &mo->minor) != 1)
+		mo->minor = 0;
 }
 
 static void mount_opts_string(char *buf, size_t cap, const struct mount_opts *mo,
@@ -3115,13 +3175,17 @@ static int mount_export(struct mount_opts *mo, bool allow_other_auto)
 {
 	int fd;
 
-	if (mo->privileged)
-		return mount_kernel(mo);
-	fd = mount_fusermount(mo, allow_other_auto && mo->allow_other);
-	if (fd < 0 && allow_other_auto && mo->allow_other) {
-		mo->allow_other = false;
-		fd = mount_fusermount(mo, false);
+	if (mo->privileged) {
+		fd = mount_kernel(mo);
+	} else {
+		fd = mount_fusermount(mo, allow_other_auto && mo->allow_other);
+		if (fd < 0 && allow_other_auto && mo->allow_other) {
+			mo->allow_other = false;
+			fd = mount_fusermount(mo, false);
+		}
 	}
+	if (fd >= 0)
+		mount_note_identity(mo);
 	return fd;
 }
 
@@ -3166,25 +3230,25 @@ static void fuse_abort_connection(unsigned minor)
 #define WATCH_STOPPED	'S'
 #define WATCH_DEAD_MS	10000	/* a user's connection to die after a crash */
 
-/* Wait, bounded, until the connection behind 'target' is dead: true if
- * it is. */
-static bool watcher_wait_dead(const char *target)
+/* Wait, bounded, until the connection behind mo->target is dead: true if
+ * it is, and the dead mount there is ours. */
+static bool watcher_wait_dead(const struct mount_opts *mo)
 {
 	uint64_t deadline = now_ns() + WATCH_DEAD_MS * 1000000ull;
 	struct stat st;
 
 	while (now_ns() < deadline) {
-		if (stat(target, &st) < 0 && (errno == ENOTCONN || errno == ECONNABORTED))
-			return true;
+		if (stat(mo->target, &st) < 0 && (errno == ENOTCONN || errno == ECONNABORTED))
+			return !mo->mnt_id || mount_is_ours(mo);
 		sleep_ms(20);
 	}
 	return false;
 }
 
-static void watcher_main(int rfd, const char *target, unsigned minor, int sock)
+/* 'mo' is the daemon's, as it was at the fork. */
+static void watcher_main(int rfd, const struct mount_opts *mo, int sock)
 {
 	bool stopped = false;
-	unsigned top = 0;
 	char c;
 	ssize_t n;
 
@@ -3197,16 +3261,18 @@ static void watcher_main(int rfd, const char *target, unsigned minor, int sock)
 	/* A user's dead mount: fusermount3's auto_unmount (Debian's 3.14)
 	 * cannot see that it is dead unless it was mounted allow_other (it
 	 * gets EACCES), so detach it with fusermount3 -u -z ourselves. */
-	if (!stopped && sock >= 0 && watcher_wait_dead(target)) {
-		char *argv[] = { "fusermount3", "-u", "-z", "-q", "--", (char *)target, NULL };
+	if (!stopped && sock >= 0 && watcher_wait_dead(mo)) {
+		char *argv[] = { "fusermount3", "-u", "-z", "-q", "--", (char *)mo->target, NULL };
 
 		close(sock);
 		execvp("fusermount3", argv);
 	}
-	if (!stopped && minor) {
-		fuse_abort_connection(minor);
-		if (mount_lookup(target, &top) == 1 && top == minor)
-			umount2(target, MNT_DETACH);
+	/* Only while our mount is there does the minor name our connection:
+	 * once it is gone, a successor's may have the same one.  Gone or
+	 * covered, the kernel aborts ours when its last fd closes anyway. */
+	if (!stopped && mo->privileged && mo->minor && mount_is_ours(mo)) {
+		fuse_abort_connection(mo->minor);
+		umount2(mo->target, MNT_DETACH | UMOUNT_NOFOLLOW);
 	}
 	_exit(0);
 }
@@ -3218,10 +3284,9 @@ static void watcher_main(int rfd, const char *target, unsigned minor, int sock)
 static int watcher_start(struct mount_opts *mo)
 {
 	int sock = mo->watch_fd, p[2], null;
-	unsigned minor = 0;
 	pid_t pid;
 
-	if (mo->privileged && mount_lookup(mo->target, &minor) != 1)
+	if (mo->privileged && !mo->minor)
 		return -ENOENT;
 	if (pipe2(p, O_CLOEXEC) < 0)
 		return -errno;
@@ -3248,7 +3313,7 @@ static int watcher_start(struct mount_opts *mo)
 		prctl(PR_SET_NAME, "uexportd-watch");
 		if (sock < 0)	/* a user's watcher runs the setuid fusermount3 */
 			prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
-		watcher_main(p[0], mo->target, minor, sock);
+		watcher_main(p[0], mo, sock);
 	}
 	close(p[0]);
 	if (sock >= 0)
@@ -4209,29 +4274,29 @@ static int export_flush(const struct mount_opts *mo)
  */
 static void shutdown_export(struct export *exp, struct mount_opts *mo, bool flush)
 {
-	unsigned ours = mo->dev ? minor(mo->dev) : 0, top = 0;
 	int err;
 
 	if (flush && (err = export_flush(mo)) < 0)
 		log_err("flush of %s before unmounting: %s", mo->target, strerror(-err));
 	exp->stopping = true;
 	/* Still mounted even if every thread is gone (an abort): a dead mount
-	 * must not outlive us.  Unmount only our own connection: something
-	 * mounted over it since (a bind mount) is not ours to take down. */
-	if (mount_lookup(mo->target, &top) == 1 && (!ours || top == ours)) {
-		ours = top;
+	 * must not outlive us.  Unmount only our own mount: one made over it
+	 * since (a bind mount), or a successor's after ours was unmounted
+	 * from outside, is not ours to take down. */
+	if (mount_is_ours(mo)) {
 		if (unmount_export(mo, false) < 0) {
 			log_info("%s is busy: detaching lazily", mo->target);
 			unmount_export(mo, true);
 		}
-	} else if (ours) {
+	} else {
 		log_info("%s is no longer our mount on top: not unmounting it", mo->target);
 	}
 	if (!mo->privileged)
 		watcher_stopped(mo);	/* before a successor can mount there */
-	if (!export_threads_wait(exp, SHUTDOWN_GRACE_MS) && mo->privileged && ours) {
+	/* Threads still serving: the connection, and so its minor, is ours. */
+	if (!export_threads_wait(exp, SHUTDOWN_GRACE_MS) && mo->privileged && mo->minor) {
 		log_info("clients still hold %s: aborting the connection", mo->target);
-		fuse_abort_connection(ours);
+		fuse_abort_connection(mo->minor);
 	}
 	watcher_stopped(mo);
 }

@@ -129,6 +129,7 @@ kill_cycle() {
 	require_root
 	require_cmd fusermount3
 	require_cmd setpriv
+	fuse_dev_for_users
 	# Its own directory: the user must reach it, helpers' tmpdir may not be.
 	USER_DIR=$(mktemp -d /tmp/uexportd-crash.XXXXXX)
 	chmod 755 "$USER_DIR"
@@ -146,4 +147,47 @@ kill_cycle() {
 	is_mounted "$USER_DIR/mnt"
 	kill -9 "$(cat "$USER_DIR/pid")"
 	wait_until 15 not_mounted "$USER_DIR/mnt"
+}
+
+# An export unmounted from outside while its daemon is stopped; a
+# successor mounted on the same path then (typically given the same device
+# minor, freed with the first connection).  Sets APID (stopped), BPIDFILE.
+successor_over_stopped() {
+	truncate -s 16M "$IMG"
+	printf successor > "$W/b.raw"
+	truncate -s 16M "$W/b.raw"
+	start_fg -v -w "$IMG" "$MNT"
+	APID=$DPID
+	kill -STOP "$APID"
+	umount -c "$MNT"
+	BPIDFILE=$W/b.pid
+	PIDFILE=$BPIDFILE LOG=$W/b.log start_export -w "$W/b.raw" "$MNT"
+}
+
+# The successor is still mounted and serving its own image.
+successor_serves() {
+	is_mounted "$MNT" || { echo "the successor's mount was taken down" >&2; return 1; }
+	[ "$(head -c 9 "$MNT")" = successor ] || { echo "the successor does not serve" >&2; return 1; }
+}
+
+@test "a daemon unmounted from outside leaves a successor's mount on the same path alone" {
+	require_root
+	successor_over_stopped
+	kill -CONT "$APID"
+	wait_until 20 exited "$APID"
+	wait "$APID"
+	successor_serves
+	grep -q "no longer our mount on top: not unmounting it" "$LOG" || { cat "$LOG"; false; }
+	PIDFILE=$BPIDFILE stop_export
+}
+
+@test "the crash watcher of a daemon unmounted from outside leaves a successor's mount alone" {
+	require_root
+	successor_over_stopped
+	wpid=$(pgrep -P "$APID" -x uexportd-watch)
+	[ -n "$wpid" ]
+	kill -9 "$APID"
+	wait_until 10 pid_gone "$wpid"
+	successor_serves
+	PIDFILE=$BPIDFILE stop_export
 }

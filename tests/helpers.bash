@@ -188,6 +188,16 @@ attach_loop() {
 	LOOP=$(losetup --find --show "$W/backing" 2>/dev/null) || skip "no loop devices"
 }
 
+# fuse_dev_for_users: /dev/fuse open to everyone, as distributions ship it
+# (fusermount3 opens it as the user); a fresh VM may have it 0600.  The
+# mode is restored by teardown.
+fuse_dev_for_users() {
+	if [ "$(( 0$(stat -c %a /dev/fuse) & 06 ))" != 6 ]; then
+		FUSE_DEV_MODE=$(stat -c %a /dev/fuse)
+		chmod 0666 /dev/fuse
+	fi
+}
+
 require_root() { [ "$(id -u)" = 0 ] || skip "needs root"; }
 require_cmd() { command -v "$1" >/dev/null || skip "needs $1"; }
 

@@ -33,10 +33,7 @@ require_users() {
 	for u in "$USER_A" "$USER_B"; do
 		id -u "$u" >/dev/null 2>&1 || skip "user $u missing and useradd failed"
 	done
-	if [ "$(( 0$(stat -c %a /dev/fuse) & 06 ))" != 6 ]; then
-		FUSE_DEV_MODE=$(stat -c %a /dev/fuse)	# restored by teardown
-		chmod 0666 /dev/fuse
-	fi
+	fuse_dev_for_users
 	D=$(mktemp -d /tmp/uexportd-users.XXXXXX)
 	USERS_DIR=$D	# removed by teardown_hook
 	chmod 0755 "$D"
