@@ -41,6 +41,16 @@ tests/fuzz-cov: tests/fuzz.c uexportd.c fuse_kernel.h
 tests/unit: tests/unit.c uexportd.c fuse_kernel.h
 	$(CC) $(CFLAGS) $(FUZZ_SAN) -o $@ tests/unit.c $(LDLIBS)
 
+# The daemon under sanitizers, for the sanitizer passes of make check
+# (tests/run.sh): ASan with UBSan and LSan, and TSan.
+SAN_CFLAGS ?= -O1 -g -fno-omit-frame-pointer
+SAN_CFLAGS += -std=gnu11 -Wall -Wextra -D_FILE_OFFSET_BITS=64
+tests/uexportd-asan: uexportd.c fuse_kernel.h
+	$(CC) $(SAN_CFLAGS) -fsanitize=address,undefined -fno-sanitize-recover=all \
+		-o $@ uexportd.c $(LDLIBS)
+tests/uexportd-tsan: uexportd.c fuse_kernel.h
+	$(CC) $(SAN_CFLAGS) -fsanitize=thread -o $@ uexportd.c $(LDLIBS)
+
 uexportd: uexportd.c fuse_kernel.h
 	$(CC) $(CFLAGS) $(LDFLAGS) -o $@ uexportd.c $(LDLIBS)
 
@@ -85,6 +95,6 @@ install: uexportd
 
 clean:
 	rm -rf uexportd uexportd-static uexportd-musl tests/fsops tests/fuzz tests/unit tests/nullfloor tests/faultfs tests/libfuzz \
-		tests/libfuzz-cov tests/fuzz-cov .musl-include
+		tests/libfuzz-cov tests/fuzz-cov tests/uexportd-asan tests/uexportd-tsan .musl-include
 
 .PHONY: all static static-musl check check-long demo bench install clean fuzz-seeds

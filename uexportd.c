@@ -2774,10 +2774,15 @@ static void *ring_queue_main(void *arg)
 	return NULL;
 }
 
-static void ring_pool_join(struct ring_pool *pool)
+/* Join the queue threads (each frees its own queue as it ends), then free
+ * the pool.  NULL is a no-op. */
+static void ring_pool_destroy(struct ring_pool *pool)
 {
 	for (unsigned k = 0; pool && k < pool->nr_queues; k++)
 		pthread_join(pool->queues[k].thread, NULL);
+	if (pool)
+		free(pool->queues);
+	free(pool);
 }
 
 /* Which CPUs io-wq may use, and whether there is another CPU to offload
@@ -2836,9 +2841,7 @@ static struct ring_pool *ring_pool_create(struct export *exp, unsigned nq, unsig
 		*err = pool->queues[k].setup_err;
 	if (*err) {
 		ring_pool_set_phase(pool, RING_POOL_ABANDON);
-		ring_pool_join(pool);
-		free(pool->queues);
-		free(pool);
+		ring_pool_destroy(pool);
 		return NULL;
 	}
 	return pool;
@@ -2849,9 +2852,7 @@ static struct ring_pool *ring_pool_create(struct export *exp, unsigned nq, unsig
 static void ring_pool_abandon(struct ring_pool *pool)
 {
 	ring_pool_set_phase(pool, RING_POOL_ABANDON);
-	ring_pool_join(pool);
-	free(pool->queues);
-	free(pool);
+	ring_pool_destroy(pool);
 }
 
 /* After the INIT reply: let the queues REGISTER and collect the verdict:
@@ -4314,13 +4315,16 @@ static int stop_export(struct export *exp, struct mount_opts *mo, struct pidfile
 		       bool flush)
 {
 	struct image *img = &exp->img;
+	bool joined;
 	int err = 0;
 
 	pidfile_remove(pf);
 	shutdown_export(exp, mo, flush);
-	if (export_threads_wait(exp, SHUTDOWN_GRACE_MS)) {
+	joined = export_threads_wait(exp, SHUTDOWN_GRACE_MS);
+	if (joined) {
 		devfuse_join(exp);
-		ring_pool_join(exp->rings);
+		ring_pool_destroy(exp->rings);	/* no request can come any more */
+		exp->rings = NULL;
 	} else {
 		log_err("%d serving threads did not end: exiting without them",
 			atomic_load(&exp->threads_live));
@@ -4333,7 +4337,7 @@ static int stop_export(struct export *exp, struct mount_opts *mo, struct pidfile
 			"serving, final flush: %s)", img->path, image_wb_errors(img),
 			err ? strerror(-err) : "ok");
 	err = err || image_wb_errors(img) ? -EIO : 0;
-	if (!exp->devfuse) {		/* joined: no request can come any more */
+	if (joined) {		/* no request can come any more */
 		free(img->files.slots);
 		img->files.slots = NULL;
 		img->files.nr_slots = 0;

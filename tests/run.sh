@@ -49,15 +49,92 @@ fi
 [ -n "${TRANSPORTS:-}" ] && read -r -a transports <<<"$TRANSPORTS"
 
 export BATS_TEST_TIMEOUT=${BATS_TEST_TIMEOUT:-180}
+# TESTS="tests/io_02.bats ...": run only those files.
+read -r -a files <<<"${TESTS:-$(echo tests/*.bats)}"
 passed=0 failed=$build_failed skipped=0 rc=$build_failed
-for t in "${transports[@]}"; do
-	echo "=== transport: $t ==="
+
+# run_pass LABEL TRANSPORT FILE...: one bats run, added to the tally.
+run_pass() {
+	local label=$1 transport=$2 out p s f; shift 2
+	echo "=== $label, transport: $transport ==="
 	out=$(mktemp)
-	UEXPORTD_TRANSPORT=$t bats --tap tests/*.bats | tee "$out"
+	UEXPORTD_TRANSPORT=$transport bats --tap "$@" | tee "$out"
 	[ "${PIPESTATUS[0]}" = 0 ] || rc=1
 	p=$(grep -c '^ok ' "$out"); s=$(grep -c '^ok .* # skip' "$out"); f=$(grep -c '^not ok ' "$out")
 	passed=$((passed + p - s)) skipped=$((skipped + s)) failed=$((failed + f))
 	rm -f "$out"
+}
+
+for t in "${transports[@]}"; do
+	run_pass "uexportd" "$t" "${files[@]}"
+done
+
+# The sanitizer passes: the same tests against tests/uexportd-asan (ASan,
+# UBSan, LSan) once per transport, and tests/uexportd-tsan (TSan) with the
+# first transport (io_uring's queue threads when it is there) -- both
+# transports in make check-long: make check stays within its ten minutes.
+# Every report goes to a file in one directory (the daemon's stderr is
+# /dev/null once it is a daemon); any file there fails the run.  The
+# harnesses (fuzz_08, unit_11) are sanitized builds already and bench_09
+# measures: they do not run again.  SANITIZE="" skips the passes.
+san_files=()
+for f in "${files[@]}"; do
+	case $f in */fuzz_08.bats|*/unit_11.bats|*/bench_09.bats) ;; *) san_files+=("$f") ;; esac
+done
+
+# san_canary NAME: a program built with NAME's flags that makes NAME
+# report must leave a report in SAN_DIR, where run.sh looks: else the
+# sanitizer passes could not fail.
+san_canary() {
+	local bin=$SAN_DIR/canary
+	case $1 in
+	asan) printf '%s\n' '#include <stdlib.h>' \
+		'int main(void) { volatile char *p = malloc(4); char c = p[4]; free((void *)p); return c; }' |
+		${CC:-cc} -fsanitize=address -x c -o "$bin" - ;;
+	tsan) printf '%s\n' '#include <pthread.h>' 'static int racy;' \
+		'static void *bump(void *a) { racy++; return a; }' \
+		'int main(void) { pthread_t t; pthread_create(&t, 0, bump, 0); racy++; pthread_join(t, 0); return 0; }' |
+		${CC:-cc} -fsanitize=thread -x c -o "$bin" - -lpthread ;;
+	esac || return 1
+	"$bin" >/dev/null 2>&1
+	rm -f "$bin"
+	compgen -G "$SAN_DIR/$1.*" >/dev/null && rm -f "$SAN_DIR/$1".*
+}
+
+# san_reports: print every report in SAN_DIR, then fail if there was one.
+san_reports() {
+	local r n=0
+	for r in "$SAN_DIR"/*; do
+		[ -e "$r" ] || continue
+		echo "FAIL: sanitizer report $r:"; head -n 80 "$r"; n=$((n + 1))
+	done
+	[ "$n" = 0 ]
+}
+
+for san in ${SANITIZE-asan tsan}; do
+	bin=tests/uexportd-$san
+	if ! ${MAKE:-make} -s "$bin"; then
+		echo "FAIL: $bin does not build"; failed=$((failed + 1)) rc=1; continue
+	fi
+	SAN_DIR=$(mktemp -d /tmp/uexportd-san.XXXXXX)
+	chmod 1777 "$SAN_DIR"	# daemons of the unprivileged tests report too
+	export ASAN_OPTIONS="log_path=$SAN_DIR/asan:detect_leaks=1"
+	export UBSAN_OPTIONS="log_path=$SAN_DIR/asan:print_stacktrace=1:halt_on_error=1"
+	export TSAN_OPTIONS="log_path=$SAN_DIR/tsan:halt_on_error=0"
+	if ! san_canary "$san"; then
+		echo "FAIL: a $san report does not reach $SAN_DIR: the $san pass could not fail"
+		failed=$((failed + 1)) rc=1
+	fi
+	san_transports=("${transports[@]}")
+	[ "$san" = tsan ] && [ -z "${LONG:-}" ] && san_transports=("${transports[0]}")
+	for t in "${san_transports[@]}"; do
+		[ ${#san_files[@]} -gt 0 ] || break
+		UEXPORTD=$PWD/$bin run_pass "$san" "$t" "${san_files[@]}"
+		san_reports || { failed=$((failed + 1)) rc=1; }
+		rm -f "$SAN_DIR"/*
+	done
+	rm -rf "$SAN_DIR"
+	unset ASAN_OPTIONS UBSAN_OPTIONS TSAN_OPTIONS
 done
 echo "$passed passed, $failed failed, $skipped skipped"
 exit $rc
