@@ -109,11 +109,15 @@
 #define RING_READY_TIMEOUT_MS	10000
 #define SHUTDOWN_GRACE_MS	3000	/* clients still holding the file */
 
-/* Exit statuses (README, "Exit status"). */
+/* Exit statuses (README, "Exit status"; uexportd.8).  The reason is
+ * always logged. */
 enum {
-	EXIT_FAILED = 1,	/* did not start: the reason was printed */
+	EXIT_FAILED = 1,	/* anything else: pidfile, fork, serving machinery */
 	EXIT_USAGE = 2,		/* bad command line */
 	EXIT_DATA_LOST = 3,	/* served, but acknowledged writes may be lost */
+	EXIT_IMAGE = 4,		/* IMAGE cannot be opened or used */
+	EXIT_MOUNTPOINT = 5,	/* MOUNTPOINT unusable: missing, wrong type, busy, dead */
+	EXIT_MOUNT = 6,		/* mounting or the FUSE handshake failed */
 };
 
 /* Wire layouts the protocol promises (include/uapi/linux/fuse.h). */
@@ -2892,6 +2896,8 @@ struct mount_opts {
 	const char *source;		/* image path, shown in /proc/mounts */
 	const char *target;		/* absolute path of the mount point */
 	bool allow_other;
+	bool read_only;			/* "ro" in the mount table */
+	unsigned long flags;		/* MS_NOEXEC, MS_SYNCHRONOUS from -o */
 	bool privileged;		/* mount(2) vs fusermount3 */
 	dev_t dev;			/* the live export's st_dev, 0 before */
 	uint64_t mnt_id;		/* mount_unique_id() of ours, 0 unknown */
@@ -3006,8 +3012,12 @@ static void mount_opts_string(char *buf, size_t cap, const struct mount_opts *mo
 	if (fd >= 0)
 		n = snprintf(buf, cap, "fd=%d,rootmode=100000,user_id=%u,group_id=%u,",
 			     fd, getuid(), getgid());
-	snprintf(buf + n, cap - (size_t)n, "default_permissions,max_read=%u%s",
-		 MAX_PAYLOAD, mo->allow_other ? ",allow_other" : "");
+	/* fusermount3 takes the flags by name; mount(2) as flags. */
+	snprintf(buf + n, cap - (size_t)n, "default_permissions,max_read=%u%s%s%s%s",
+		 MAX_PAYLOAD, mo->allow_other ? ",allow_other" : "",
+		 fd < 0 && mo->read_only ? ",ro" : "",
+		 fd < 0 && (mo->flags & MS_NOEXEC) ? ",noexec" : "",
+		 fd < 0 && (mo->flags & MS_SYNCHRONOUS) ? ",sync" : "");
 }
 
 static int mount_kernel(const struct mount_opts *mo)
@@ -3018,7 +3028,8 @@ static int mount_kernel(const struct mount_opts *mo)
 	if (fd < 0)
 		return -errno;
 	mount_opts_string(opts, sizeof(opts), mo, fd);
-	if (mount(mo->source, mo->target, "fuse.uexportd", MS_NOSUID | MS_NODEV, opts) < 0) {
+	if (mount(mo->source, mo->target, "fuse.uexportd",
+		  MS_NOSUID | MS_NODEV | mo->flags | (mo->read_only ? MS_RDONLY : 0), opts) < 0) {
 		int err = -errno;
 
 		close(fd);
@@ -3125,7 +3136,7 @@ static void fusermount_reason(int fd, char *buf, size_t cap)
  * abort a connection (see watcher_start).  The socket becomes
  * mo->watch_fd.  Returns the /dev/fuse fd or -errno.
  */
-static int mount_fusermount(struct mount_opts *mo, bool quiet)
+static int mount_fusermount(struct mount_opts *mo)
 {
 	char opts[300], fsname[300];
 	int sv[2], ep[2] = { -1, -1 }, fd;
@@ -3140,7 +3151,8 @@ static int mount_fusermount(struct mount_opts *mo, bool quiet)
 	if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) < 0)
 		return -errno;
 	/* Its stderr is read back, not passed through: it says why it failed. */
-	if (!quiet && pipe2(ep, O_CLOEXEC) < 0)
+	mo->why[0] = '\0';
+	if (pipe2(ep, O_CLOEXEC) < 0)
 		ep[0] = ep[1] = -1;
 	/* The child end must survive exec: clear its CLOEXEC flag. */
 	fcntl(sv[0], F_SETFD, 0);
@@ -3179,10 +3191,13 @@ static int mount_export(struct mount_opts *mo, bool allow_other_auto)
 	if (mo->privileged) {
 		fd = mount_kernel(mo);
 	} else {
-		fd = mount_fusermount(mo, allow_other_auto && mo->allow_other);
+		fd = mount_fusermount(mo);
 		if (fd < 0 && allow_other_auto && mo->allow_other) {
+			log_info("--allow-other=auto: fusermount3 refused allow_other (%s): "
+				 "mounting without it, for this user only",
+				 mo->why[0] ? mo->why : strerror(-fd));
 			mo->allow_other = false;
-			fd = mount_fusermount(mo, false);
+			fd = mount_fusermount(mo);
 		}
 	}
 	if (fd >= 0)
@@ -3311,6 +3326,9 @@ static int watcher_start(struct mount_opts *mo)
 		close_fd_range(STDERR_FILENO + 1, (unsigned)p[0] - 1);
 		close_fd_range((unsigned)p[0] + (sock >= 0 ? 2 : 1), ~0U);
 		setsid();
+		if (chdir("/") < 0) {
+			/* Hold no directory busy; failing, keep the one held. */
+		}
 		prctl(PR_SET_NAME, "uexportd-watch");
 		if (sock < 0)	/* a user's watcher runs the setuid fusermount3 */
 			prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
@@ -3363,6 +3381,7 @@ static void watcher_stopped(struct mount_opts *mo)
 
 struct options {
 	const char *image;
+	char image_abs[PATH_MAX];		/* the mount's source: realpath */
 	const char *mountpoint;
 	char mountpoint_abs[PATH_MAX];
 	struct stat mountpoint_st;		/* the file underneath, before mounting */
@@ -3373,11 +3392,13 @@ struct options {
 	unsigned queue_depth;
 	uint64_t max_memory;
 	const char *pidfile;
+	int notify_fd;				/* --notify-fd, -1: none */
+	unsigned long mount_flags;		/* -o noexec, sync: MS_* */
 };
 
 /* Open the image into exp->img with the options' settings; the boundary
  * for its errors (logged here, once).  Returns 0 or -errno. */
-static int open_image(struct export *exp, const struct options *o)
+static int open_image(struct export *exp, struct options *o)
 {
 	struct image *img = &exp->img;
 	int err;
@@ -3403,6 +3424,11 @@ static int open_image(struct export *exp, const struct options *o)
 	else if (o->growable && img->ops->fixed_size)
 		err = -EINVAL, log_err("--growable: %s is a %s, whose size is fixed",
 				       o->image, img->ops->kind);
+	else if (img->size == 0 && !o->growable)
+		err = -EINVAL, log_err("%s: empty, and not --growable: nothing to export",
+				       o->image);
+	if (!err && (strncmp(o->image, "null:", 5) == 0 || !realpath(o->image, o->image_abs)))
+		snprintf(o->image_abs, sizeof(o->image_abs), "%s", o->image);
 	return err;
 }
 
@@ -3831,18 +3857,26 @@ static int start_export(struct export *exp, struct startup *st, struct mount_opt
 	return err;
 }
 
+/* "transport=... queues=..." of a live export: the start-up line's end
+ * and systemd's STATUS=.  'reason': why /dev/fuse serves, NULL for rings. */
+static void export_transport_desc(const struct export *exp, const char *reason,
+				  char *buf, size_t cap)
+{
+	if (reason)
+		snprintf(buf, cap, "transport=dev-fuse threads=%u reason=%s",
+			 exp->devfuse->nr_workers, reason);
+	else
+		snprintf(buf, cap, "transport=uring queues=%u depth=%u",
+			 exp->rings->nr_queues, exp->rings->depth);
+}
+
 /* The one line that says what is served and how. */
 static void log_startup(const struct export *exp, const struct options *o, const char *reason)
 {
 	const struct image *img = &exp->img;
 	char line[1024], how[256], flags[128];
 
-	if (reason)
-		snprintf(how, sizeof(how), "transport=dev-fuse threads=%u reason=%s",
-			 exp->devfuse->nr_workers, reason);
-	else
-		snprintf(how, sizeof(how), "transport=uring queues=%u depth=%u",
-			 exp->rings->nr_queues, exp->rings->depth);
+	export_transport_desc(exp, reason, how, sizeof(how));
 	snprintf(line, sizeof(line), "%s (%llu bytes, %s%s%s) on %s: %s",
 		 o->image, (unsigned long long)img->size, img->writable ? "rw" : "ro",
 		 img->growable ? ",growable" : "", img->passthrough ? ",passthrough" : "",
@@ -3890,15 +3924,19 @@ static void stdio_reserve(void)
 }
 
 /* A daemon keeps no descriptor its caller gave it (a script's pipe held
- * open by us would make the script wait forever for EOF), except 'keep'
- * (-1: none), one of its own opened before daemonizing. */
-static void close_inherited_fds(int keep)
+ * open by us would make the script wait forever for EOF), except keep_a
+ * and keep_b (-1: none): the pidfile, opened before daemonizing, and the
+ * --notify-fd it was given for that. */
+static void close_inherited_fds(int keep_a, int keep_b)
 {
 	unsigned lo = STDERR_FILENO + 1;
+	int keep[2] = { keep_a < keep_b ? keep_a : keep_b, keep_a < keep_b ? keep_b : keep_a };
 
-	if (keep >= (int)lo) {
-		close_fd_range(lo, (unsigned)keep - 1);
-		lo = (unsigned)keep + 1;
+	for (unsigned i = 0; i < 2; i++) {
+		if (keep[i] < (int)lo)
+			continue;
+		close_fd_range(lo, (unsigned)keep[i] - 1);
+		lo = (unsigned)keep[i] + 1;
 	}
 	close_fd_range(lo, ~0U);
 }
@@ -3917,7 +3955,8 @@ static void close_inherited_fds(int keep)
 #define PIDFILE_WAIT_MS	2000
 
 struct pidfile {
-	const char *path;
+	const char *path;		/* absolute: the daemon changes to / */
+	char abs[PATH_MAX];
 	int fd;				/* -1: none */
 	struct stat st;			/* of fd */
 	bool ours;			/* we created it or wrote our PID in it */
@@ -4003,9 +4042,19 @@ static bool pidfile_overwritable(const struct pidfile *pf)
 static int pidfile_open(struct pidfile *pf, const char *path, char *holder, size_t cap)
 {
 	uint64_t deadline = now_ns() + PIDFILE_WAIT_MS * 1000000ull;
+	size_t n;
 	int ret;
 
 	pf->path = path;
+	if (*path != '/') {
+		if (!getcwd(pf->abs, sizeof(pf->abs)))
+			return -errno;
+		n = strlen(pf->abs);
+		if (snprintf(pf->abs + n, sizeof(pf->abs) - n, "/%s", path) >=
+		    (int)(sizeof(pf->abs) - n))
+			return -ENAMETOOLONG;
+		pf->path = pf->abs;
+	}
 	do {
 		pf->ours = false;
 		pf->fd = pidfile_open_path(pf);
@@ -4145,12 +4194,13 @@ static int daemonize_wait(pid_t child, int rfd, const char *mountpoint, struct p
  * the child, *ready_fd is the pipe daemonize_finish() releases the parent
  * through.  The boundary of its errors: logs them.  Returns 0 in the
  * child, -errno if the pipe or the fork failed. */
-static int daemonize_begin(const char *mountpoint, struct pidfile *pf, int *ready_fd)
+static int daemonize_begin(const char *mountpoint, struct pidfile *pf, int *ready_fd,
+			   int notify_fd)
 {
 	pid_t parent = getpid(), pid;
 	int p[2];
 
-	close_inherited_fds(pf->fd);
+	close_inherited_fds(pf->fd, notify_fd);
 	if (pipe2(p, O_CLOEXEC) < 0) {
 		int err = -errno;
 
@@ -4203,8 +4253,9 @@ static void daemonize_finish(int ready_fd)
 	close(ready_fd);
 }
 
-/* READY=1 to $NOTIFY_SOCKET (systemd Type=notify), no library needed. */
-static void notify_ready(void)
+/* One message (NAME=VALUE lines) to $NOTIFY_SOCKET, systemd's readiness
+ * protocol (sd_notify(3)), no library needed.  Best effort. */
+static void notify_systemd(const char *msg)
 {
 	const char *path = getenv("NOTIFY_SOCKET");
 	struct sockaddr_un sa = { .sun_family = AF_UNIX };
@@ -4220,8 +4271,26 @@ static void notify_ready(void)
 	fd = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
 	if (fd < 0)
 		return;
-	sendto(fd, "READY=1", 7, MSG_NOSIGNAL, (struct sockaddr *)&sa, len);
+	sendto(fd, msg, strlen(msg), MSG_NOSIGNAL, (struct sockaddr *)&sa, len);
 	close(fd);
+}
+
+/* Live: a newline to --notify-fd (s6's readiness protocol), closed then
+ * (one of 0-2 is left for daemonizing to replace), and READY=1 with a
+ * STATUS= line ('status') to systemd. */
+static void notify_live(struct options *o, const char *status)
+{
+	char msg[512];
+
+	if (o->notify_fd >= 0) {
+		if (write(o->notify_fd, "\n", 1) < 0)
+			log_err("--notify-fd=%d: %s", o->notify_fd, strerror(errno));
+		if (o->notify_fd > STDERR_FILENO)
+			close(o->notify_fd);
+		o->notify_fd = -1;
+	}
+	snprintf(msg, sizeof(msg), "READY=1\nSTATUS=serving: %s", status);
+	notify_systemd(msg);
 }
 
 /* Wait up to 'ms' for every serving thread to end. */
@@ -4373,21 +4442,26 @@ static bool export_wait_stop(struct export *exp)
 
 /*
  * Start the export, go live (pidfile, the parent released through
- * 'ready_fd', READY=1), serve until stopped, stop.  Returns the exit
- * status: 0, EXIT_FAILED (a failed start, logged) or EXIT_DATA_LOST.
+ * 'ready_fd', --notify-fd, READY=1), serve until stopped, stop.  Returns
+ * the exit status: 0; EXIT_MOUNT (a failed start) or EXIT_FAILED (the
+ * pidfile, or the serving machinery failed); EXIT_DATA_LOST.  Logged.
  */
 static int serve(struct export *exp, struct options *o, struct pidfile *pf, int ready_fd)
 {
 	struct mount_opts mo = {
-		.source = o->image, .target = o->mountpoint_abs,
+		.source = o->image_abs, .target = o->mountpoint_abs,
 		.allow_other = o->allow_other != TRI_OFF, .privileged = geteuid() == 0,
-		.watch_fd = -1,
+		.read_only = !o->writable, .flags = o->mount_flags, .watch_fd = -1,
 	};
 	struct startup st = { .o = o };
-	int err = start_export(exp, &st, &mo);
+	char status[256];
+	bool serving;
+	int err = start_export(exp, &st, &mo), failed = EXIT_MOUNT;
 
-	if (!err && (err = pidfile_write(pf)) < 0)
+	if (!err && (err = pidfile_write(pf)) < 0) {
 		log_err("pidfile %s: %s", o->pidfile, strerror(-err));
+		failed = EXIT_FAILED;
+	}
 	if (!err)
 		log_startup(exp, o, st.reason);
 	if (o->mountpoint_lock >= 0)
@@ -4395,10 +4469,15 @@ static int serve(struct export *exp, struct options *o, struct pidfile *pf, int 
 	if (err) {
 		if (exp->dev_fd >= 0)
 			stop_export(exp, &mo, pf, false);
-		return EXIT_FAILED;
+		return failed;
 	}
+	export_transport_desc(exp, st.reason, status, sizeof(status));
+	notify_live(o, status);
 	daemonize_finish(ready_fd);
-	notify_ready();
+	/* Hold no directory busy: "umount" of where we were started works.
+	 * Every path kept from here on is absolute. */
+	if (chdir("/") < 0)
+		log_info("chdir /: %s", strerror(errno));
 	/* Nothing is executed from here on as root (umount2, not fusermount3),
 	 * so nothing may gain privileges through exec either.  A user's
 	 * daemon needs the setuid fusermount3 to unmount: not for it. */
@@ -4406,8 +4485,12 @@ static int serve(struct export *exp, struct options *o, struct pidfile *pf, int 
 		prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
 	/* After an unmount the kernel has written its page cache back; a
 	 * read-only export has none to write. */
-	err = stop_export(exp, &mo, pf, export_wait_stop(exp) && exp->img.writable);
-	return err ? EXIT_DATA_LOST : 0;
+	serving = export_wait_stop(exp);
+	notify_systemd("STOPPING=1");
+	err = stop_export(exp, &mo, pf, serving && exp->img.writable);
+	if (err)
+		return EXIT_DATA_LOST;
+	return atomic_load(&exp->failed) ? EXIT_FAILED : 0;
 }
 
 /* ======================================================================
@@ -4446,6 +4529,11 @@ static void usage(FILE *f)
 "by unmounting MOUNTPOINT.\n", MAX_QUEUE_DEPTH, DEFAULT_QUEUE_DEPTH);
 }
 
+static void version(void)
+{
+	printf("uexportd %s\n", UEXPORTD_VERSION);
+}
+
 static int parse_tristate(const char *name, const char *v, int *out, const char *const words[3])
 {
 	for (int i = 0; i < 3; i++) {
@@ -4459,83 +4547,276 @@ static int parse_tristate(const char *name, const char *v, int *out, const char 
 }
 
 enum { OPT_ALLOW_OTHER = 256, OPT_IO_URING, OPT_DIRECT, OPT_MAX_MEMORY, OPT_PASSTHROUGH,
-       OPT_CLEAN_STALE };
+       OPT_CLEAN_STALE, OPT_NOTIFY_FD };
 
-static int parse_options(int argc, char **argv, struct options *o)
+static const struct option longopts[] = {
+	{ "writable", no_argument, NULL, 'w' },
+	{ "growable", no_argument, NULL, 'g' },
+	{ "allow-other", required_argument, NULL, OPT_ALLOW_OTHER },
+	{ "io-uring", required_argument, NULL, OPT_IO_URING },
+	{ "queue-depth", required_argument, NULL, 'q' },
+	{ "direct", no_argument, NULL, OPT_DIRECT },
+	{ "max-memory", required_argument, NULL, OPT_MAX_MEMORY },
+	{ "passthrough", no_argument, NULL, OPT_PASSTHROUGH },
+	{ "clean-stale", no_argument, NULL, OPT_CLEAN_STALE },
+	{ "foreground", no_argument, NULL, 'f' },
+	{ "pidfile", required_argument, NULL, 'p' },
+	{ "notify-fd", required_argument, NULL, OPT_NOTIFY_FD },
+	{ "verbose", no_argument, NULL, 'v' },
+	{ "debug", no_argument, NULL, 'd' },
+	{ "help", no_argument, NULL, 'h' },
+	{ "version", no_argument, NULL, 'V' },
+	{ NULL, 0, NULL, 0 },
+};
+
+/* A decimal in [lo, hi], range-checked on its full value before any
+ * narrowing.  Returns 0 or -EINVAL. */
+static int parse_long_in(const char *s, long lo, long hi, long *out)
 {
-	static const struct option longopts[] = {
-		{ "writable", no_argument, NULL, 'w' },
-		{ "growable", no_argument, NULL, 'g' },
-		{ "allow-other", required_argument, NULL, OPT_ALLOW_OTHER },
-		{ "io-uring", required_argument, NULL, OPT_IO_URING },
-		{ "queue-depth", required_argument, NULL, 'q' },
-		{ "direct", no_argument, NULL, OPT_DIRECT },
-		{ "max-memory", required_argument, NULL, OPT_MAX_MEMORY },
-		{ "passthrough", no_argument, NULL, OPT_PASSTHROUGH },
-		{ "clean-stale", no_argument, NULL, OPT_CLEAN_STALE },
-		{ "foreground", no_argument, NULL, 'f' },
-		{ "pidfile", required_argument, NULL, 'p' },
-		{ "verbose", no_argument, NULL, 'v' },
-		{ "debug", no_argument, NULL, 'd' },
-		{ "help", no_argument, NULL, 'h' },
-		{ "version", no_argument, NULL, 'V' },
-		{ NULL, 0, NULL, 0 },
-	};
-	static const char *const aw[3] = { "auto", "on", "off" };
-	int c, v;
 	char *end;
+	long v;
 
-	o->queue_depth = DEFAULT_QUEUE_DEPTH;
-	o->max_memory = DEFAULT_MAX_MEMORY;
-	while ((c = getopt_long(argc, argv, "wgq:fp:vdhV", longopts, NULL)) != -1) {
-		switch (c) {
-		case 'w': o->writable = true; break;
-		case 'g': o->growable = true; break;
-		case 'f': o->foreground = true; break;
-		case 'p': o->pidfile = optarg; break;
-		case 'v': log_verbose = true; break;
-		case 'd': log_debug = log_verbose = o->foreground = true; break;
-		case OPT_DIRECT: o->direct = true; break;
-		case OPT_PASSTHROUGH: o->passthrough = true; break;
-		case OPT_CLEAN_STALE: o->clean_stale = true; break;
-		case OPT_MAX_MEMORY:
-			if (parse_size(optarg, &o->max_memory) < 0 || o->max_memory < (1u << 20)) {
-				log_err("invalid --max-memory '%s' (expected a size of at least 1M, "
-					"e.g. 256M)", optarg);
-				return -EINVAL;
-			}
-			break;
-		case OPT_ALLOW_OTHER:
-			if (parse_tristate("allow-other", optarg, &v, aw) < 0)
-				return -EINVAL;
-			o->allow_other = v;
-			break;
-		case OPT_IO_URING:
-			if (parse_tristate("io-uring", optarg, &v, aw) < 0)
-				return -EINVAL;
-			o->io_uring = v;
-			break;
-		case 'q': {
-			/* Range-checked on the full value, before narrowing. */
-			long depth;
+	errno = 0;
+	v = strtol(s, &end, 10);
+	if (errno || *end || end == s || v < lo || v > hi)
+		return -EINVAL;
+	*out = v;
+	return 0;
+}
 
-			errno = 0;
-			depth = strtol(optarg, &end, 10);
-			if (errno || *end || end == optarg || depth < 1 || depth > MAX_QUEUE_DEPTH) {
-				log_err("invalid --queue-depth '%s' (expected 1-%d)",
-					optarg, MAX_QUEUE_DEPTH);
-				return -EINVAL;
-			}
-			o->queue_depth = (unsigned)depth;
-			break;
+/* --notify-fd=N: an open descriptor the daemon keeps (close-on-exec, so
+ * fusermount3 does not hold it) until it writes the newline. */
+static int parse_notify_fd(const char *arg, struct options *o)
+{
+	long fd;
+	int flags;
+
+	if (parse_long_in(arg, 0, INT_MAX, &fd) < 0) {
+		log_err("invalid --notify-fd '%s' (expected a descriptor number)", arg);
+		return -EINVAL;
+	}
+	flags = fcntl((int)fd, F_GETFD);
+	if (flags < 0) {
+		log_err("--notify-fd=%ld: %s", fd, strerror(errno));
+		return -EINVAL;
+	}
+	if (fd > STDERR_FILENO)
+		fcntl((int)fd, F_SETFD, flags | FD_CLOEXEC);
+	o->notify_fd = (int)fd;
+	return 0;
+}
+
+/* Apply one option, as getopt_long returns it (c) with its argument.
+ * Logs and returns -EINVAL for a bad value; exits for --help, --version. */
+static int option_apply(struct options *o, int c, const char *arg)
+{
+	static const char *const aw[3] = { "auto", "on", "off" };
+	long depth;
+	int v;
+
+	switch (c) {
+	case 'w': o->writable = true; break;
+	case 'g': o->growable = true; break;
+	case 'f': o->foreground = true; break;
+	case 'p': o->pidfile = arg; break;
+	case 'v': log_verbose = true; break;
+	case 'd': log_debug = log_verbose = o->foreground = true; break;
+	case OPT_DIRECT: o->direct = true; break;
+	case OPT_PASSTHROUGH: o->passthrough = true; break;
+	case OPT_CLEAN_STALE: o->clean_stale = true; break;
+	case OPT_NOTIFY_FD: return parse_notify_fd(arg, o);
+	case OPT_MAX_MEMORY:
+		if (parse_size(arg, &o->max_memory) < 0 || o->max_memory < (1u << 20)) {
+			log_err("invalid --max-memory '%s' (expected a size of at least 1M, "
+				"e.g. 256M)", arg);
+			return -EINVAL;
 		}
-		case 'h': usage(stdout); exit(0);
-		case 'V': printf("uexportd %s\n", UEXPORTD_VERSION); exit(0);
+		break;
+	case OPT_ALLOW_OTHER:
+		if (parse_tristate("allow-other", arg, &v, aw) < 0)
+			return -EINVAL;
+		o->allow_other = v;
+		break;
+	case OPT_IO_URING:
+		if (parse_tristate("io-uring", arg, &v, aw) < 0)
+			return -EINVAL;
+		o->io_uring = v;
+		break;
+	case 'q':
+		if (parse_long_in(arg, 1, MAX_QUEUE_DEPTH, &depth) < 0) {
+			log_err("invalid --queue-depth '%s' (expected 1-%d)", arg, MAX_QUEUE_DEPTH);
+			return -EINVAL;
+		}
+		o->queue_depth = (unsigned)depth;
+		break;
+	case 'h': usage(stdout); exit(0);
+	case 'V': version(); exit(0);
+	default:
+		return -EINVAL;
+	}
+	return 0;
+}
+
+/* getopt's complaint, in our words and with our prefix (opterr is 0):
+ * 'c' is what getopt returned, ':' (missing value) or '?'. */
+static void option_error(int c, char *const argv[])
+{
+	const char *arg = argv[optind - 1];
+
+	if (c == ':')
+		log_err("option '%s' needs a value (see --help)", arg);
+	else if (optopt && strncmp(arg, "--", 2) != 0)
+		log_err("unknown option -%c (see --help)", optopt);
+	else
+		log_err("unknown option '%s' (see --help)", arg);
+}
+
+/*
+ * Options mount(8) passes along or that are always in force here: taken
+ * and ignored.  The mount is always nosuid,nodev and default_permissions.
+ */
+static bool mount_option_ignored(const char *name)
+{
+	static const char *const ignored[] = {
+		"defaults", "auto", "noauto", "user", "nouser", "users", "owner", "nofail",
+		"_netdev", "default_permissions", "nosuid", "nodev", "suid", "dev",
+		"atime", "noatime", "relatime", "strictatime", "diratime", "nodiratime",
+		"lazytime", "nolazytime", "dirsync", "loud", "silent", NULL,
+	};
+
+	if (strncmp(name, "x-", 2) == 0 || strncmp(name, "comment=", 8) == 0)
+		return true;
+	for (unsigned i = 0; ignored[i]; i++)
+		if (strcmp(name, ignored[i]) == 0)
+			return true;
+	return false;
+}
+
+/* The mount flags -o sets and clears (the last one named wins). */
+static const struct {
+	const char *name;
+	unsigned long flag;
+	bool set;
+} mount_flag_opts[] = {
+	{ "noexec", MS_NOEXEC, true }, { "exec", MS_NOEXEC, false },
+	{ "sync", MS_SYNCHRONOUS, true }, { "async", MS_SYNCHRONOUS, false },
+};
+
+/*
+ * One item of -o (the mount(8) convention): a long option by its name,
+ * NAME=VALUE when it takes an argument; rw, ro, allow_other, noexec, sync
+ * (the mount flags, kept in o->mount_flags); or one mount_option_ignored().  'sloppy' (mount -s) ignores unknown names.
+ * 'item' is modified (split at '=').  Returns 0 or -EINVAL (logged).
+ */
+static int mount_option_apply(struct options *o, char *item, bool sloppy)
+{
+	char *value = strchr(item, '=');
+
+	if (!*item || mount_option_ignored(item))
+		return 0;
+	if (strcmp(item, "rw") == 0 || strcmp(item, "ro") == 0) {
+		o->writable = item[1] == 'w';
+		return 0;
+	}
+	if (strcmp(item, "allow_other") == 0)
+		return option_apply(o, OPT_ALLOW_OTHER, "on");
+	for (unsigned i = 0; i < sizeof(mount_flag_opts) / sizeof(mount_flag_opts[0]); i++) {
+		if (strcmp(item, mount_flag_opts[i].name) == 0) {
+			o->mount_flags = (o->mount_flags & ~mount_flag_opts[i].flag) |
+					 (mount_flag_opts[i].set ? mount_flag_opts[i].flag : 0);
+			return 0;
+		}
+	}
+	if (value)
+		*value++ = '\0';
+	for (const struct option *lo = longopts; lo->name; lo++) {
+		if (strcmp(lo->name, item) != 0 || lo->val == 'h' || lo->val == 'V')
+			continue;
+		if ((lo->has_arg == required_argument) != (value != NULL)) {
+			log_err("-o %s: %s", item, value ? "takes no value" : "needs =VALUE");
+			return -EINVAL;
+		}
+		return option_apply(o, lo->val, value);
+	}
+	if (sloppy)
+		return 0;
+	log_err("-o %s: unknown option (see --help)", item);
+	return -EINVAL;
+}
+
+/* -o OPT[,OPT...]; 'list' is modified.  Returns 0 or -EINVAL (logged). */
+static int mount_options_apply(struct options *o, char *list, bool sloppy)
+{
+	char *save = NULL;
+
+	for (char *item = strtok_r(list, ",", &save); item; item = strtok_r(NULL, ",", &save))
+		if (mount_option_apply(o, item, sloppy) < 0)
+			return -EINVAL;
+	return 0;
+}
+
+/*
+ * Called as a mount(8) helper (mount.uexportd, mount.fuse.uexportd):
+ * "SOURCE TARGET [-sfnv] [-N NS] [-o OPTS] [-t TYPE]" (mount(8), "External
+ * helpers").  -f is mount's fake: do nothing.  Returns 0, 1 for a fake
+ * mount, -EINVAL (logged).
+ */
+static int parse_mount_helper(int argc, char **argv, struct options *o)
+{
+	bool sloppy = false, fake = false;
+	char *list = NULL;
+	int c;
+
+	static const struct option none[] = { { NULL, 0, NULL, 0 } };
+
+	/* getopt_long, not getopt: it takes options after the operands
+	 * (musl's getopt stops at the first operand). */
+	while ((c = getopt_long(argc, argv, ":sfnvN:o:t:", none, NULL)) != -1) {
+		switch (c) {
+		case 's': sloppy = true; break;
+		case 'f': fake = true; break;
+		case 'v': log_verbose = true; break;
+		case 'n': case 't': break;
+		case 'o': list = optarg; break;
+		case 'N':
+			log_err("-N %s: mounting in another namespace is not supported", optarg);
+			return -EINVAL;
 		default:
-			fprintf(stderr, "Try 'uexportd --help' for more information.\n");
+			option_error(c, argv);
 			return -EINVAL;
 		}
 	}
+	if (list && mount_options_apply(o, list, sloppy) < 0)
+		return -EINVAL;
+	return fake ? 1 : 0;
+}
+
+static int parse_options(int argc, char **argv, struct options *o)
+{
+	const char *name = strrchr(argv[0], '/');
+	int c, err = 0;
+
+	o->queue_depth = DEFAULT_QUEUE_DEPTH;
+	o->max_memory = DEFAULT_MAX_MEMORY;
+	o->notify_fd = -1;
+	opterr = 0;
+	name = name ? name + 1 : argv[0];
+	if (strncmp(name, "mount.", 6) == 0) {
+		err = parse_mount_helper(argc, argv, o);
+	} else {
+		while ((c = getopt_long(argc, argv, ":wgq:fp:vdhVo:", longopts, NULL)) != -1) {
+			if (c == ':' || c == '?') {
+				option_error(c, argv);
+				return -EINVAL;
+			}
+			err = c == 'o' ? mount_options_apply(o, optarg, false)
+				       : option_apply(o, c, optarg);
+			if (err < 0)
+				return err;
+		}
+	}
+	if (err < 0)
+		return err;
 	if (argc - optind != 2) {
 		log_err("expected IMAGE and MOUNTPOINT (see --help)");
 		return -EINVAL;
@@ -4556,7 +4837,7 @@ static int parse_options(int argc, char **argv, struct options *o)
 			"or drop --writable");
 		return -EINVAL;
 	}
-	return 0;
+	return err;	/* 1: mount -f, nothing to do */
 }
 
 /* The daemon writes its pidfile: it must be neither the image nor the
@@ -4619,29 +4900,44 @@ static void block_signals(void)
 	pthread_sigmask(SIG_BLOCK, &set, NULL);
 }
 
+/* The checks before mounting, each failure (logged) with its exit
+ * status; 0 when the export may start. */
+static int prepare_export(struct export *exp, struct options *o, const struct pidfile *pf)
+{
+	if (open_image(exp, o) < 0)
+		return EXIT_IMAGE;
+	if (check_mountpoint(o) < 0)
+		return EXIT_MOUNTPOINT;
+	if (pidfile_check(pf, o, &exp->img) < 0)
+		return EXIT_FAILED;
+	if (claim_mountpoint(o) < 0)
+		return EXIT_MOUNTPOINT;
+	return 0;
+}
+
 int main(int argc, char **argv)
 {
 	struct options o = { .mountpoint_lock = -1 };
 	struct pidfile pf = { .fd = -1 };
 	struct export exp = { .dev_fd = -1 };
 	int ready_fd = -1;
-	int err = 0, status;
+	int err, status;
 
 	stdio_reserve();
 	/* The pidfile is the only file we create: never group/world-writable. */
 	umask(umask(0) | 022);
-	if (parse_options(argc, argv, &o) < 0)
-		return EXIT_USAGE;
+	if ((err = parse_options(argc, argv, &o)) != 0)
+		return err < 0 ? EXIT_USAGE : 0;	/* 1: mount -f */
 	block_signals();
 	exp.main_thread = pthread_self();
 	if (o.pidfile && open_pidfile(&pf, o.pidfile) < 0)
 		return EXIT_FAILED;
-	if (!o.foreground)
-		err = daemonize_begin(o.mountpoint, &pf, &ready_fd);
-	if (!err && (open_image(&exp, &o) < 0 || check_mountpoint(&o) < 0 ||
-		     pidfile_check(&pf, &o, &exp.img) < 0 || claim_mountpoint(&o) < 0))
-		err = -EINVAL;
-	status = err ? EXIT_FAILED : serve(&exp, &o, &pf, ready_fd);
+	if (!o.foreground && daemonize_begin(o.mountpoint, &pf, &ready_fd, o.notify_fd) < 0)
+		status = EXIT_FAILED;
+	else
+		status = prepare_export(&exp, &o, &pf);
+	if (!status)
+		status = serve(&exp, &o, &pf, ready_fd);
 	pidfile_remove(&pf);
 	return status;
 }

@@ -7,6 +7,8 @@
 #   SWEEP=0 (skip the depth/size sweep)  OUT=bench-results.md
 #   SIZE=1G (the random image; smaller for a quick smoke run)
 #   TARGETS="raw uring ..." (a subset of the targets, in that order)
+#   ONLY='4k randread qd64x2|qd256' (an extended regex: only the jobs whose
+#   name matches, e.g. for a quick smoke run)
 #   BASE=/path/to/uexportd (another build, e.g. the previous commit's:
 #   adds base-uring, base-dev-fuse and the same on null:, for an A/B
 #   within one run)
@@ -183,6 +185,7 @@ for t in "${targets[@]}"; do
 	jobs=("${JOBS[@]}")
 	case $t in uring|dev-fuse|base-uring|base-dev-fuse) jobs+=("${SWEEP_JOBS[@]}") ;; esac
 	for j in "${jobs[@]}"; do
+		[ -z "${ONLY:-}" ] || [[ "${j%%|*}" =~ $ONLY ]] || continue
 		run_job "$t" "$file" "$pid" "${j%%|*}" "${j#*|}"
 	done
 	[ -n "$pid" ] && stop_target

@@ -9,7 +9,9 @@ load helpers
 	require_cmd python3
 	[ "$UEXPORTD_TRANSPORT" = uring ] || skip "runs once, in the io_uring pass"
 	local out=$W/bench.md
+	# The jobs the checks below look at, not the whole matrix.
 	run env RUNTIME=1 RAMP=0 SIZE=64M TARGETS="uring floor" OUT="$out" \
+		ONLY='^(4k randread qd64x2|1M seqread qd8|sweep qd256 4k)$' \
 		"$BATS_TEST_DIRNAME/bench.sh"
 	[ "$status" -eq 0 ] || { echo "$output"; false; }
 	grep -q '^| uring | 4k randread qd64x2 | [1-9]' "$out"

@@ -80,7 +80,7 @@ kill_cycle() {
 	rm -f "$PIDFILE"
 	is_mounted "$MNT"
 	run "$UEXPORTD" $(transport_opt) -w "$IMG" "$MNT"
-	[ "$status" -eq 1 ]
+	[ "$status" -eq 5 ]
 	[[ "$output" == *"mount point $MNT: a dead FUSE mount is still there"*"umount -l $MNT"*"--clean-stale"* ]]
 	start_export -w --clean-stale "$IMG" "$MNT"
 	[ "$(grep -c " $MNT fuse" /proc/mounts)" = 1 ]
@@ -98,7 +98,7 @@ kill_cycle() {
 	touch "$W/other"
 	run timeout 30 "$UEXPORTD" $(transport_opt) -w "$W/inner.raw" "$MNT"
 	kill -CONT "$DPID"
-	[ "$status" -eq 1 ]
+	[ "$status" -eq 5 ]
 	[[ "$output" == *"mount point $MNT: no answer in 5 s"* ]]
 	stop_export
 }

@@ -71,15 +71,20 @@ done
 
 # The sanitizer passes: the same tests against tests/uexportd-asan (ASan,
 # UBSan, LSan) once per transport, and tests/uexportd-tsan (TSan) with the
-# first transport (io_uring's queue threads when it is there) -- both
+# first transport (io_uring's queue threads when it is there) over the
+# files that drive the threads hardest (TSAN_FILES) -- every file and both
 # transports in make check-long: make check stays within its ten minutes.
 # Every report goes to a file in one directory (the daemon's stderr is
 # /dev/null once it is a daemon); any file there fails the run.  The
 # harnesses (fuzz_08, unit_11) are sanitized builds already and bench_09
 # measures: they do not run again.  SANITIZE="" skips the passes.
-san_files=()
+san_files=() tsan_files=()
+TSAN_FILES=${TSAN_FILES:-io_02 stress_04 uring_05 safety_10 crash_14 faults_12}
 for f in "${files[@]}"; do
-	case $f in */fuzz_08.bats|*/unit_11.bats|*/bench_09.bats) ;; *) san_files+=("$f") ;; esac
+	case $f in */fuzz_08.bats|*/unit_11.bats|*/bench_09.bats) continue ;; esac
+	san_files+=("$f")
+	b=$(basename "$f" .bats)
+	[[ " $TSAN_FILES " == *" $b "* || -n "${LONG:-}" ]] && tsan_files+=("$f")
 done
 
 # san_canary NAME: a program built with NAME's flags that makes NAME
@@ -125,11 +130,14 @@ for san in ${SANITIZE-asan tsan}; do
 		echo "FAIL: a $san report does not reach $SAN_DIR: the $san pass could not fail"
 		failed=$((failed + 1)) rc=1
 	fi
-	san_transports=("${transports[@]}")
-	[ "$san" = tsan ] && [ -z "${LONG:-}" ] && san_transports=("${transports[0]}")
+	san_transports=("${transports[@]}") pass_files=("${san_files[@]}")
+	if [ "$san" = tsan ]; then
+		pass_files=("${tsan_files[@]}")
+		[ -z "${LONG:-}" ] && san_transports=("${transports[0]}")
+	fi
 	for t in "${san_transports[@]}"; do
-		[ ${#san_files[@]} -gt 0 ] || break
-		UEXPORTD=$PWD/$bin run_pass "$san" "$t" "${san_files[@]}"
+		[ ${#pass_files[@]} -gt 0 ] || break
+		UEXPORTD=$PWD/$bin run_pass "$san" "$t" "${pass_files[@]}"
 		san_reports || { failed=$((failed + 1)) rc=1; }
 		rm -f "$SAN_DIR"/*
 	done

@@ -243,7 +243,7 @@ stop_with_mapping() {
 	done
 	cmp "$W/precious" "$W/precious.ref"
 	: > "$W/empty.img"
-	run "$UEXPORTD" $(transport_opt) -p "$W/empty.img" "$W/empty.img" "$MNT"
+	run "$UEXPORTD" $(transport_opt) -w -g -p "$W/empty.img" "$W/empty.img" "$MNT"
 	[ "$status" -ne 0 ]; [[ "$output" == *"pidfile $W/empty.img: is the image"* ]]
 	[ -e "$W/empty.img" ]
 	run "$UEXPORTD" $(transport_opt) -p "$MNT" "$IMG" "$MNT"

@@ -17,6 +17,7 @@ UNIT=$TOP/tests/unit
 
 @test "unit: helpers' expected_memory_plan agrees with memory_plan()" {
 	[ -x "$UNIT" ] || skip "tests/unit not built (make tests/unit)"
+	[ "$UEXPORTD_TRANSPORT" = dev-fuse ] || skip "transport-independent: runs in the dev-fuse pass"
 	# uring_05 predicts the start-up depth with the bash copy: keep it honest.
 	for budget in $(( 1 << 20 )) $(( 256 << 20 )) $(( 4 << 30 )); do
 		for units in 1 2 4 5 9 16 17 64 128 200 256 4096; do

@@ -133,7 +133,7 @@ teardown_hook() {
 		set -- $args
 		for opt in "" -w -f; do
 			run as "$1" "$UEXPORTD" $(transport_opt) $opt "$2" "$3"
-			[ "$status" = 1 ] || { echo "$args $opt: exit $status: $output"; false; }
+			[ "$status" = 4 ] || { echo "$args $opt: exit $status: $output"; false; }
 			[ "$output" = "uexportd: open $2: Permission denied" ] ||
 				{ echo "$args $opt: $output"; false; }
 			not_mounted "$3"
@@ -142,7 +142,7 @@ teardown_hook() {
 	# A block device (root:disk 0660).
 	attach_loop 1M
 	run as "$USER_A" "$UEXPORTD" $(transport_opt) "$LOOP" "$D/a/mnt"
-	[ "$status" = 1 ]
+	[ "$status" = 4 ]
 	[ "$output" = "uexportd: open $LOOP: Permission denied" ]
 	not_mounted "$D/a/mnt"
 }
@@ -160,7 +160,7 @@ teardown_hook() {
 	for img in "$D/root.img" "$D/a/img"; do
 		for opt in -w "-w -g" "-w --direct"; do
 			run as "$USER_A" "$UEXPORTD" $(transport_opt) $opt "$img" "$D/a/mnt"
-			[ "$status" = 1 ] || { echo "$img $opt: exit $status: $output"; false; }
+			[ "$status" = 4 ] || { echo "$img $opt: exit $status: $output"; false; }
 			[ "$output" = "uexportd: open $img: Permission denied" ] ||
 				{ echo "$img $opt: $output"; false; }
 			not_mounted "$D/a/mnt"
@@ -173,13 +173,14 @@ teardown_hook() {
 	user_start "$USER_A" "$D/root.img" "$D/a/mnt"
 	[[ "$output" == *"(65536 bytes, ro)"* ]]
 	as "$USER_A" cmp "$D/a/mnt" "$D/root.ref"
-	# The export's mode (0400) keeps its owner out (root would get EROFS),
-	# and the owner cannot give itself write permission.
+	# A read-only mount ("ro" in the mount table) and mode 0400: no
+	# write, and the owner cannot give itself write permission.
+	grep -q " $D/a/mnt fuse.uexportd ro," /proc/mounts
 	[ "$(as "$USER_A" stat -c %a "$D/a/mnt")" = 400 ]
 	run as "$USER_A" "$FSOPS" open-rw "$D/a/mnt"
-	[ "$output" = "err EACCES" ]
+	[ "$output" = "err EROFS" ]
 	run as "$USER_A" "$FSOPS" truncate "$D/a/mnt" 0
-	[ "$output" = "err EACCES" ]
+	[ "$output" = "err EROFS" ]
 	run as "$USER_A" chmod 0600 "$D/a/mnt"
 	[ "$status" -ne 0 ]; [[ "$output" == *"Read-only file system"* ]]
 	[ "$(as "$USER_A" stat -c %a "$D/a/mnt")" = 400 ]
@@ -201,7 +202,7 @@ teardown_hook() {
 		before=$(stat -c '%i %s %a %U %Y' "$mnt")
 		for opt in "" --allow-other=off; do
 			run as "$USER_A" "$UEXPORTD" $(transport_opt) $opt "$D/a/img" "$mnt"
-			[ "$status" = 1 ] || { echo "$mnt $opt: exit $status: $output"; false; }
+			[ "$status" = 6 ] || { echo "$mnt $opt: exit $status: $output"; false; }
 			# fusermount3's reason, in uexportd's one line.
 			[ "$output" = "uexportd: mount on $mnt: failed to open $mnt: Permission denied" ] ||
 				{ echo "$mnt $opt: $output"; false; }
@@ -224,13 +225,19 @@ teardown_hook() {
 	# back without allow_other, "off" has none.
 	fuse_conf_set off
 	run as "$USER_A" "$UEXPORTD" $(transport_opt) --allow-other=on "$D/a/img" "$D/a/mnt"
-	[ "$status" = 1 ]
+	[ "$status" = 6 ]
 	[ "$output" = "uexportd: mount on $D/a/mnt: option allow_other only allowed if 'user_allow_other' is set in /etc/fuse.conf" ]
 	not_mounted "$D/a/mnt"
 	for mode in auto off; do
-		user_start "$USER_A" --allow-other=$mode "$D/a/img" "$D/a/mnt"
+		user_start "$USER_A" -w --allow-other=$mode "$D/a/img" "$D/a/mnt"
 		[ -z "$(mount_opts "$D/a/mnt" | grep -x allow_other)" ]
-		as "$USER_A" chmod 0444 "$D/a/mnt"	# mode bits are not what stops B
+		# -v says why auto went without it.
+		if [ "$mode" = auto ]; then
+			[[ "$output" == *"uexportd: --allow-other=auto: fusermount3 refused allow_other (option allow_other only allowed if 'user_allow_other' is set in /etc/fuse.conf): mounting without it, for this user only"* ]]
+		fi
+		# Writable (a read-only mount refuses chmod): the mode bits are
+		# not what stops B.
+		as "$USER_A" chmod 0644 "$D/a/mnt"
 		as "$USER_A" cmp "$D/a/mnt" "$D/ref"
 		run as "$USER_B" cat "$D/a/mnt"
 		[ "$status" -ne 0 ]; [[ "$output" == *"Permission denied"* ]]
@@ -242,8 +249,8 @@ teardown_hook() {
 	# With user_allow_other: "on" and "auto" let B read, "off" still not.
 	fuse_conf_set on
 	for mode in on auto off; do
-		user_start "$USER_A" --allow-other=$mode "$D/a/img" "$D/a/mnt"
-		as "$USER_A" chmod 0444 "$D/a/mnt"
+		user_start "$USER_A" -w --allow-other=$mode "$D/a/img" "$D/a/mnt"
+		as "$USER_A" chmod 0644 "$D/a/mnt"
 		if [ "$mode" = off ]; then
 			[ -z "$(mount_opts "$D/a/mnt" | grep -x allow_other)" ]
 			run as "$USER_B" cat "$D/a/mnt"
@@ -310,7 +317,7 @@ teardown_hook() {
 	before=$(stat -c '%i %s %a %Y' "$W/target")
 	for opt in "" -f -w; do
 		run timeout -k 1 20 "$UEXPORTD" $(transport_opt) $opt -p "$PIDFILE" "$IMG" "$W/link"
-		[ "$status" = 1 ] || { echo "$opt: exit $status: $output"; false; }
+		[ "$status" = 5 ] || { echo "$opt: exit $status: $output"; false; }
 		[ "$output" = "uexportd: mount point $W/link: is a symbolic link" ] ||
 			{ echo "$opt: $output"; false; }
 		[ ! -e "$PIDFILE" ]
@@ -322,7 +329,7 @@ teardown_hook() {
 	# A dangling link: refused the same way, nothing created at its target.
 	ln -s "$W/nowhere" "$W/dangling"
 	run timeout -k 1 20 "$UEXPORTD" $(transport_opt) -p "$PIDFILE" "$IMG" "$W/dangling"
-	[ "$status" = 1 ]
+	[ "$status" = 5 ]
 	[ "$output" = "uexportd: mount point $W/dangling: is a symbolic link" ]
 	[ ! -e "$W/nowhere" ]
 	[ ! -e "$PIDFILE" ]
