@@ -4,6 +4,8 @@ CFLAGS  ?= -O2 -g
 CFLAGS  += -std=gnu11 -Wall -Wextra -D_FILE_OFFSET_BITS=64
 LDLIBS  += -lpthread
 PREFIX  ?= /usr/local
+MANDIR  ?= $(PREFIX)/share/man
+SBINDIR ?= /sbin
 DESTDIR ?=
 
 all: uexportd tests/fsops tests/faultfs
@@ -90,11 +92,24 @@ demo: uexportd
 bench: all tests/nullfloor
 	tests/bench.sh
 
+# The stripped binary, its man page, and the helpers mount(8) runs for the
+# types fuse.uexportd and uexportd: it looks for them in /sbin, not in PREFIX.
+# The links name the installed binary absolutely: /sbin may be a link to
+# /usr/sbin, which a relative link would not survive.
 install: uexportd
-	install -D -m 0755 uexportd $(DESTDIR)$(PREFIX)/bin/uexportd
+	install -D -m 0755 -s uexportd $(DESTDIR)$(PREFIX)/bin/uexportd
+	install -D -m 0644 uexportd.8 $(DESTDIR)$(MANDIR)/man8/uexportd.8
+	install -d $(DESTDIR)$(SBINDIR)
+	ln -sfn $(PREFIX)/bin/uexportd $(DESTDIR)$(SBINDIR)/mount.fuse.uexportd
+	ln -sfn $(PREFIX)/bin/uexportd $(DESTDIR)$(SBINDIR)/mount.uexportd
+
+# Exactly the files install put there; the directories stay (they are shared).
+uninstall:
+	rm -f $(DESTDIR)$(PREFIX)/bin/uexportd $(DESTDIR)$(MANDIR)/man8/uexportd.8 \
+		$(DESTDIR)$(SBINDIR)/mount.fuse.uexportd $(DESTDIR)$(SBINDIR)/mount.uexportd
 
 clean:
 	rm -rf uexportd uexportd-static uexportd-musl tests/fsops tests/fuzz tests/unit tests/nullfloor tests/faultfs tests/libfuzz \
 		tests/libfuzz-cov tests/fuzz-cov tests/uexportd-asan tests/uexportd-tsan .musl-include
 
-.PHONY: all static static-musl check check-long demo bench install clean fuzz-seeds
+.PHONY: all static static-musl check check-long demo bench install uninstall clean fuzz-seeds

@@ -4500,38 +4500,39 @@ static int serve(struct export *exp, struct options *o, struct pidfile *pf, int 
 static void usage(FILE *f)
 {
 	fprintf(f,
-"Usage: uexportd [OPTIONS] IMAGE MOUNTPOINT\n"
-"Export IMAGE (a regular file, a block device, or null:SIZE) as the regular\n"
-"file MOUNTPOINT (which must exist) through FUSE.\n"
+"Usage: uexportd [OPTIONS] IMAGE MOUNTPOINT [-o OPT[,OPT...]]\n"
+"Export IMAGE (a regular file, a block device, or null:SIZE, e.g. null:1G) as\n"
+"the existing regular file MOUNTPOINT through FUSE, until SIGTERM or umount.\n"
+"Exit status, semantics and examples: see uexportd(8).\n"
 "\n"
-"  -w, --writable           allow writes (default: read-only)\n"
-"  -g, --growable           writes past EOF and truncate may grow the image\n"
-"                           (needs --writable)\n"
-"      --allow-other=MODE   on|off|auto: let other users access the export\n"
-"                           (default auto: try, fall back without)\n"
-"      --io-uring=MODE      auto|on|off: FUSE-over-io_uring transport\n"
-"  -q, --queue-depth=N      requests in flight per queue, 1-%d (default %d)\n"
-"      --max-memory=SIZE    bound on request buffers over all queues; depth and\n"
-"                           request size shrink to fit (default 256M)\n"
-"      --direct             open the image with O_DIRECT (no host page cache)\n"
-"      --passthrough        the kernel reads and writes a regular-file image\n"
-"                           itself (root, Linux 6.9+; needs --growable if -w)\n"
-"      --clean-stale        detach a dead FUSE mount left on MOUNTPOINT by a\n"
-"                           daemon that died, then start\n"
-"  -f, --foreground         do not daemonize\n"
-"  -p, --pidfile=FILE       write the daemon's pid once the export is live\n"
-"  -v, --verbose            log start-up details to stderr\n"
-"  -d, --debug              log one line per request (implies -f -v)\n"
-"  -h, --help               show this help\n"
-"  -V, --version            show the version\n"
-"\n"
-"SIZE for null: takes K, M, G, T suffixes (null:1G).  Stop with SIGTERM or\n"
-"by unmounting MOUNTPOINT.\n", MAX_QUEUE_DEPTH, DEFAULT_QUEUE_DEPTH);
+"  -w, --writable          allow writes (default: read-only)\n"
+"  -g, --growable          writes past EOF and truncate grow the image (with -w)\n"
+"      --allow-other=MODE  auto|on|off: other users may access it (default auto)\n"
+"      --io-uring=MODE     auto|on|off: FUSE-over-io_uring (default auto)\n"
+"  -q, --queue-depth=N     requests in flight per queue, 1-%d (default %d)\n"
+"      --max-memory=SIZE   request buffers over all queues (default 256M)\n"
+"      --direct            open the image with O_DIRECT (no host page cache)\n"
+"      --passthrough       the kernel does the image I/O (root, Linux 6.9+)\n"
+"      --clean-stale       detach a dead mount left on MOUNTPOINT, then start\n"
+"  -f, --foreground        do not daemonize; log to stderr\n"
+"  -p, --pidfile=FILE      write the daemon's PID once the export is live\n"
+"      --notify-fd=N       write a newline to descriptor N once live, close it\n"
+"  -v, --verbose           log start-up details to stderr\n"
+"  -d, --debug             log one line per request (implies -f -v)\n"
+"  -o OPT[,OPT...]         as mount(8) passes them: rw, ro, allow_other, and\n"
+"                          the long options by name (writable, queue-depth=N)\n"
+"  -h, --help              show this help\n"
+"  -V, --version           show the version, FUSE protocol and transports\n",
+		MAX_QUEUE_DEPTH, DEFAULT_QUEUE_DEPTH);
 }
 
+/* --version: what this build is and speaks (both transports are always in). */
 static void version(void)
 {
-	printf("uexportd %s\n", UEXPORTD_VERSION);
+	printf("uexportd %s\n"
+	       "FUSE protocol %d.%d\n"
+	       "transports: io_uring, /dev/fuse\n",
+	       UEXPORTD_VERSION, FUSE_KERNEL_VERSION, FUSE_KERNEL_MINOR_VERSION);
 }
 
 static int parse_tristate(const char *name, const char *v, int *out, const char *const words[3])
