@@ -261,9 +261,71 @@ static void close_fd_range(unsigned lo, unsigned hi)
 		close((int)fd);
 }
 
-static int write_file(const char *path, const char *text)
+/* Write 'text' into the existing file 'path', relative to 'dirfd' (a
+ * directory or mount descriptor, or AT_FDCWD).  Returns 0 or -errno. */
+/*
+ * The new mount API (Linux 5.2), by raw syscalls: musl 1.2.3 has no
+ * wrappers, glibc only since 2.36.  It makes a file system instance without
+ * any directory to mount it on: a bare root has none to spare.  Numbers
+ * and values from include/uapi/linux/mount.h (syscall numbers are the same
+ * on every architecture since 5.1).
+ */
+#ifndef SYS_fsopen
+#define SYS_fsopen		430
+#define SYS_fsconfig		431
+#define SYS_fsmount		432
+#endif
+#ifndef FSOPEN_CLOEXEC
+#define FSOPEN_CLOEXEC		0x00000001
+#endif
+#ifndef FSMOUNT_CLOEXEC
+#define FSMOUNT_CLOEXEC		0x00000001
+#endif
+#ifndef FSCONFIG_SET_STRING
+#define FSCONFIG_SET_STRING	1
+#endif
+#ifndef FSCONFIG_CMD_CREATE
+#define FSCONFIG_CMD_CREATE	6
+#endif
+
+/*
+ * A new instance (or the single one) of file system 'type', configured
+ * with 'opts' (key, value, ..., NULL; NULL for none): fsopen, fsconfig,
+ * FSCONFIG_CMD_CREATE.  Returns its file system context -- closing it lets
+ * the instance go unless a mount holds it -- or -errno (-ENOSYS before
+ * Linux 5.2, -EPERM without CAP_SYS_ADMIN).
+ */
+static int fs_context_create(const char *type, const char *const *opts)
 {
-	int fd = open(path, O_WRONLY | O_CLOEXEC);
+	int fs = (int)syscall(SYS_fsopen, type, FSOPEN_CLOEXEC);
+	int err = 0;
+
+	if (fs < 0)
+		return -errno;
+	for (; opts && opts[0] && !err; opts += 2)
+		if (syscall(SYS_fsconfig, fs, FSCONFIG_SET_STRING, opts[0], opts[1], 0) < 0)
+			err = -errno;
+	if (!err && syscall(SYS_fsconfig, fs, FSCONFIG_CMD_CREATE, NULL, NULL, 0) < 0)
+		err = -errno;
+	if (err) {
+		close(fs);
+		return err;
+	}
+	return fs;
+}
+
+/* A detached mount of the instance behind 'fs' (fs_context_create): no
+ * mount point, gone when the descriptor closes.  Returns it or -errno. */
+static int fs_mount_detached(int fs)
+{
+	int mnt = (int)syscall(SYS_fsmount, fs, FSMOUNT_CLOEXEC, 0);
+
+	return mnt < 0 ? -errno : mnt;
+}
+
+static int write_file_at(int dirfd, const char *path, const char *text)
+{
+	int fd = openat(dirfd, path, O_WRONLY | O_CLOEXEC);
 	ssize_t n;
 
 	if (fd < 0)
@@ -272,6 +334,11 @@ static int write_file(const char *path, const char *text)
 	n = n < 0 ? -errno : 0;
 	close(fd);
 	return (int)n;
+}
+
+static int write_file(const char *path, const char *text)
+{
+	return write_file_at(AT_FDCWD, path, text);
 }
 
 static int read_small_file(const char *path, char *buf, size_t cap)
@@ -3199,17 +3266,55 @@ static int unmount_export(const struct mount_opts *mo, bool lazy)
 	return fusermount_run(lazy ? detach : eager, !lazy);
 }
 
-/* Abort the connection through fusectl: the last resort when clients still
- * hold the file after a lazy unmount (root only). */
-static void fuse_abort_connection(unsigned minor)
+/*
+ * Abort the connection through a fusectl mount of our own that is mounted
+ * nowhere (fs_context_create, fs_mount_detached): fusectl has a single
+ * instance listing every connection (fs/fuse/control.c), so this needs
+ * neither /sys nor any directory.  Returns 0 or -errno.
+ */
+static int fuse_abort_detached(unsigned minor)
+{
+	char name[32];
+	int fs = fs_context_create("fusectl", NULL), mnt, err;
+
+	if (fs < 0)
+		return fs;
+	mnt = fs_mount_detached(fs);
+	close(fs);
+	if (mnt < 0)
+		return mnt;
+	snprintf(name, sizeof(name), "%u/abort", minor);
+	err = write_file_at(mnt, name, "1");
+	close(mnt);
+	return err;
+}
+
+/*
+ * Abort the connection whose device minor is 'minor' (the export's st_dev
+ * names it: fusectl's directory <minor>, fs/fuse/control.c): every request
+ * fails at once, the daemon's threads see the connection end.  The last
+ * resort when clients still hold the file after a lazy unmount, and the
+ * crash watcher's first step; root only.  Through
+ * /sys/fs/fuse/connections/<minor>/abort when fusectl is mounted there,
+ * else through a detached fusectl mount (a bare root has no /sys), else,
+ * before Linux 5.2, by mounting fusectl on /sys/fs/fuse/connections.
+ * Returns 0, -ENOENT if the connection is gone already, or -errno.
+ */
+static int fuse_abort_connection(unsigned minor)
 {
 	char path[64];
+	int err;
 
 	snprintf(path, sizeof(path), "/sys/fs/fuse/connections/%u/abort", minor);
-	if (write_file(path, "1") == -ENOENT) {
-		mount("fusectl", "/sys/fs/fuse/connections", "fusectl", 0, NULL);
-		write_file(path, "1");
+	err = write_file(path, "1");
+	if (err == -ENOENT)
+		err = fuse_abort_detached(minor);
+	if (err == -ENOSYS) {
+		if (mount("fusectl", "/sys/fs/fuse/connections", "fusectl", 0, NULL) < 0)
+			return -errno;
+		err = write_file(path, "1");
 	}
+	return err;
 }
 
 /*
@@ -4296,7 +4401,10 @@ static void shutdown_export(struct export *exp, struct mount_opts *mo, bool flus
 	/* Threads still serving: the connection, and so its minor, is ours. */
 	if (!export_threads_wait(exp, SHUTDOWN_GRACE_MS) && mo->privileged && mo->minor) {
 		log_info("clients still hold %s: aborting the connection", mo->target);
-		fuse_abort_connection(mo->minor);
+		err = fuse_abort_connection(mo->minor);
+		if (err && err != -ENOENT)
+			log_err("abort connection %u of %s: %s", mo->minor, mo->target,
+				strerror(-err));
 	}
 	watcher_stopped(mo);
 }
