@@ -2983,9 +2983,11 @@ static void mountinfo_unescape(char *s)
 }
 
 /*
- * Is 'path' a mount point?  Returns 1 and the device minor of the topmost
- * mount there, 0 if not mounted, -errno if mountinfo is unreadable.
- * Reading mountinfo sends no request to any FUSE file system.
+ * Is 'path' a mount point, by /proc/self/mountinfo (mount_point() without
+ * statx's answer)?  Returns 1 and the device minor of the topmost mount
+ * there, 0 if not mounted, -errno if mountinfo is unreadable (-ENOENT
+ * without /proc).  Reading mountinfo sends no request to any FUSE file
+ * system.
  */
 static int mount_lookup(const char *path, unsigned *minor_out)
 {
@@ -3017,23 +3019,38 @@ static int mount_lookup(const char *path, unsigned *minor_out)
 #ifndef STATX_MNT_ID_UNIQUE
 #define STATX_MNT_ID_UNIQUE	0x00004000U	/* linux/stat.h, Linux 6.8 */
 #endif
+#ifndef STATX_ATTR_MOUNT_ROOT
+#define STATX_ATTR_MOUNT_ROOT	0x00002000	/* linux/stat.h, Linux 5.8 */
+#endif
+
+/*
+ * statx of what is on top of 'path', asking for 'mask'.  No /proc needed,
+ * and no request sent to a FUSE file system there: AT_STATX_DONT_SYNC
+ * makes a FUSE mount answer from cached attributes (fs/fuse/dir.c,
+ * fuse_update_get_attr()), so a dead or hung one cannot block the caller.
+ * Returns 0 or -errno.
+ */
+static int mount_statx(const char *path, unsigned mask, struct statx *stx)
+{
+	memset(stx, 0, sizeof(*stx));
+	if (syscall(SYS_statx, AT_FDCWD, path,
+		    AT_SYMLINK_NOFOLLOW | AT_NO_AUTOMOUNT | AT_STATX_DONT_SYNC, mask, stx) < 0)
+		return -errno;
+	return 0;
+}
 
 /*
  * The unique ID of the mount on top of 'path': never reused while the
  * system runs, unlike the device minor of a FUSE connection or the mount
  * ID of mountinfo, which the next mount may take over.  0 when the kernel
- * cannot tell (before 6.8) or statx fails.  AT_STATX_DONT_SYNC makes a
- * FUSE mount answer from cached attributes without sending a request
- * (fs/fuse/dir.c, fuse_update_get_attr()): a dead or hung one cannot
- * block the caller.
+ * cannot tell (before 6.8) or statx fails.
  */
 static uint64_t mount_unique_id(const char *path, unsigned *minor_out)
 {
-	struct statx stx = { 0 };
+	struct statx stx;
 
-	if (syscall(SYS_statx, AT_FDCWD, path,
-		    AT_SYMLINK_NOFOLLOW | AT_NO_AUTOMOUNT | AT_STATX_DONT_SYNC,
-		    STATX_MNT_ID_UNIQUE, &stx) < 0 || !(stx.stx_mask & STATX_MNT_ID_UNIQUE))
+	if (mount_statx(path, STATX_MNT_ID_UNIQUE, &stx) < 0 ||
+	    !(stx.stx_mask & STATX_MNT_ID_UNIQUE))
 		return 0;
 	if (minor_out)
 		*minor_out = stx.stx_dev_minor;
@@ -3041,10 +3058,30 @@ static uint64_t mount_unique_id(const char *path, unsigned *minor_out)
 }
 
 /*
+ * Is 'path' a mount point?  Returns 1 and the device minor of the topmost
+ * mount there, 0 if not mounted, -errno if neither statx nor mountinfo can
+ * tell.  statx says whether the path is the root of a mount
+ * (STATX_ATTR_MOUNT_ROOT, fs/stat.c; Linux 5.8), which needs no /proc;
+ * /proc/self/mountinfo is the fallback before that.
+ */
+static int mount_point(const char *path, unsigned *minor_out)
+{
+	struct statx stx;
+
+	if (mount_statx(path, 0, &stx) == 0 &&
+	    (stx.stx_attributes_mask & STATX_ATTR_MOUNT_ROOT)) {
+		if (minor_out)
+			*minor_out = stx.stx_dev_minor;
+		return (stx.stx_attributes & STATX_ATTR_MOUNT_ROOT) != 0;
+	}
+	return mount_lookup(path, minor_out);
+}
+
+/*
  * Is our export still the mount on top of mo->target?  By the unique ID
- * when the kernel has one.  Before 6.8, by the connection's device minor in
- * mountinfo: once our connection is gone, the next FUSE mount there may
- * have been given the same minor, and would be taken for ours.
+ * when the kernel has one.  Before 6.8, by the connection's device minor:
+ * once our connection is gone, the next FUSE mount there may have been
+ * given the same minor, and would be taken for ours.
  */
 static bool mount_is_ours(const struct mount_opts *mo)
 {
@@ -3052,7 +3089,7 @@ static bool mount_is_ours(const struct mount_opts *mo)
 
 	if (mo->mnt_id)
 		return mount_unique_id(mo->target, NULL) == mo->mnt_id;
-	return mount_lookup(mo->target, &top) == 1 && top == mo->minor;
+	return mount_point(mo->target, &top) == 1 && top == mo->minor;
 }
 
 /* Just mounted, nothing stacked on it yet: note who we are (mnt_id,
@@ -3060,7 +3097,7 @@ static bool mount_is_ours(const struct mount_opts *mo)
 static void mount_note_identity(struct mount_opts *mo)
 {
 	mo->mnt_id = mount_unique_id(mo->target, &mo->minor);
-	if (!mo->mnt_id && mount_lookup(mo->target, &mo->minor) != 1)
+	if (!mo->mnt_id && mount_point(mo->target, &mo->minor) != 1)
 		mo->minor = 0;
 }
 
@@ -3600,7 +3637,7 @@ static int claim_mountpoint(struct options *o)
 		log_err("mount point %s: another uexportd is still starting on it", o->mountpoint);
 		return -EBUSY;
 	}
-	if (mount_lookup(o->mountpoint_abs, NULL) == 1) {
+	if (mount_point(o->mountpoint_abs, NULL) == 1) {
 		log_err("mount point %s: already a mount point", o->mountpoint);
 		return -EBUSY;
 	}
@@ -4181,7 +4218,7 @@ static void unmount_dead(const char *mountpoint)
 	char abs[PATH_MAX];
 
 	if (geteuid() == 0 && path_abs_dir(mountpoint, abs, sizeof(abs)) == 0 &&
-	    mount_lookup(abs, NULL) == 1)
+	    mount_point(abs, NULL) == 1)
 		umount2(abs, MNT_DETACH);
 }
 
