@@ -3675,14 +3675,22 @@ static void memory_plan_log(uint64_t budget, unsigned units, unsigned depth, uin
 		 (unsigned long long)(budget >> 20));
 }
 
-/* The kernel's bound on pages per request (fs.fuse.max_pages_limit);
- * 256, its default, when it cannot be read. */
+/*
+ * The kernel's bound on pages per request (fs.fuse.max_pages_limit); 256,
+ * its default (fuse_max_pages_limit, fs/fuse/inode.c) and the fixed bound
+ * of kernels without the setting, when it cannot be read (no /proc).  A
+ * guess too high costs nothing but buffer room: the kernel clamps
+ * max_pages to its limit at INIT (fs/fuse/inode.c, process_init_reply()).
+ */
 static unsigned max_pages_limit(void)
 {
 	char buf[32];
+	int n = read_small_file("/proc/sys/fs/fuse/max_pages_limit", buf, sizeof(buf));
 
-	if (read_small_file("/proc/sys/fs/fuse/max_pages_limit", buf, sizeof(buf)) > 0)
+	if (n > 0)
 		return (unsigned)atoi(buf);
+	if (n == -ENOENT && access("/proc/sys", F_OK) < 0)
+		log_info("no /proc: taking fs.fuse.max_pages_limit for its default, 256");
 	return 256;
 }
 
@@ -3690,8 +3698,12 @@ static unsigned max_pages_limit(void)
 static const char *uring_unavailable_reason(void)
 {
 	char v[8];
+	int n = read_small_file("/sys/module/fuse/parameters/enable_uring", v, sizeof(v));
 
-	if (read_small_file("/sys/module/fuse/parameters/enable_uring", v, sizeof(v)) <= 0)
+	if (n == -ENOENT && access("/sys/module", F_OK) < 0)
+		return "kernel did not offer FUSE_OVER_IO_URING (no /sys to tell why: "
+		       "needs Linux 6.14+ and fuse.enable_uring=Y)";
+	if (n <= 0)
 		return "kernel has no FUSE-over-io_uring (needs Linux 6.14+)";
 	if (v[0] != 'Y')
 		return "enable_uring is off";
