@@ -673,7 +673,10 @@ static int ring_init(struct ring *r, unsigned entries)
 
 		if (r->map != MAP_FAILED)
 			munmap(r->map, r->map_len);
+		if (r->sqes != MAP_FAILED)
+			munmap(r->sqes, r->sqes_len);
 		close(r->fd);
+		memset(r, 0, sizeof(*r));	/* map NULL: nothing to ring_exit() */
 		return err;
 	}
 	base = r->map;
