@@ -2948,6 +2948,193 @@ static uint64_t ring_pool_served(const struct ring_pool *pool)
 	return n;
 }
 
+/*
+ * How many queues the kernel wants, when /sys cannot say (a bare root).
+ * It makes one per possible CPU (fs/fuse/dev_uring.c, fuse_uring_create():
+ * nr_queues = num_possible_cpus()) and refuses a REGISTER for a qid >=
+ * nr_queues with EINVAL before creating anything (fuse_uring_register()):
+ * so it is asked, with REGISTERs on a connection of our own -- a FUSE
+ * instance made with the new mount API and mounted nowhere (root only:
+ * fsopen wants CAP_SYS_ADMIN).  Never on the export's connection: a
+ * refused REGISTER turns its io_uring mode off (fuse_uring_cmd() clears
+ * fc->io_uring, and requests go to /dev/fuse until the ring is ready), and
+ * an accepted one parks an entry there that the kernel would hand requests
+ * to, on a ring no queue thread reaps.
+ *
+ * qid 0, which every ring has, goes first: accepted, it proves the
+ * REGISTER well formed (the kernel checks the qid before the buffers), so
+ * a later EINVAL can only be the qid's.  Then doubling and bisecting: about
+ * 2 log2(n) REGISTERs, all on one pair of buffers the kernel never writes:
+ * nothing can send a request to an instance that is mounted nowhere, even
+ * once its ring is ready.  Closing the instance aborts the connection,
+ * which ends the parked entries (fuse_uring_stop_queues()).  The kernel
+ * logs the first refusal ("Invalid ring qid").
+ */
+#define PROBE_MAX_QID	65535	/* fuse_uring_cmd_req.qid is 16 bits */
+
+struct queue_probe {
+	int dev_fd;			/* the probe connection's /dev/fuse */
+	int fs_fd;			/* its instance: closing it ends the connection */
+	struct ring ring;
+	struct fuse_uring_req_header hdr;
+	void *payload;
+	struct iovec iov[2];		/* hdr, payload: what every REGISTER names */
+};
+
+/* A FUSE instance on a fresh /dev/fuse fd; the kernel queues INIT on it
+ * while creating it (fs/fuse/inode.c, fuse_fill_super()).  Returns 0 or
+ * -errno. */
+static int probe_connect(struct queue_probe *p)
+{
+	char fd[16], uid[16], gid[16];
+	const char *const opts[] = { "fd", fd, "rootmode", "100000",
+				     "user_id", uid, "group_id", gid, NULL };
+
+	p->dev_fd = open("/dev/fuse", O_RDWR | O_NONBLOCK | O_CLOEXEC);
+	if (p->dev_fd < 0)
+		return -errno;
+	snprintf(fd, sizeof(fd), "%d", p->dev_fd);
+	snprintf(uid, sizeof(uid), "%u", getuid());
+	snprintf(gid, sizeof(gid), "%u", getgid());
+	p->fs_fd = fs_context_create("fuse", opts);
+	return p->fs_fd < 0 ? p->fs_fd : 0;
+}
+
+/* Answer the probe connection's INIT: requests of at most the probe's
+ * payload buffer, which is what REGISTER then checks the buffer against.
+ * Returns 0 or -errno. */
+static int probe_init(struct queue_probe *p)
+{
+	char buf[FUSE_MIN_READ_BUFFER];
+	const struct fuse_in_header *in = (const void *)buf;
+	struct {
+		struct fuse_out_header hdr;
+		struct fuse_init_out init;
+	} reply;
+	ssize_t n = read(p->dev_fd, buf, sizeof(buf));
+	int err;
+
+	if (n < 0)
+		return -errno;
+	if ((size_t)n < sizeof(*in) + sizeof(struct fuse_init_in) || in->opcode != FUSE_INIT)
+		return -EPROTO;
+	err = fuse_init((const void *)(in + 1), &reply.init, false,
+			(uint32_t)p->iov[1].iov_len, 0, 1);
+	if (err)
+		return err;
+	reply.init.flags2 |= (uint32_t)(FUSE_OVER_IO_URING >> 32);
+	reply.hdr = (struct fuse_out_header){ .len = sizeof(reply), .unique = in->unique };
+	return write(p->dev_fd, &reply, sizeof(reply)) < 0 ? -errno : 0;
+}
+
+/* One REGISTER for 'qid'.  An accepted REGISTER stays parked without a
+ * CQE; a refused one completes at once (as in ring_queue_register).
+ * Returns 0 if accepted, else the refusal's or io_uring_enter's -errno. */
+static int probe_register(struct queue_probe *p, unsigned qid)
+{
+	struct ring *r = &p->ring;
+	struct io_uring_sqe *sqe = ring_sqe(r);	/* each is consumed before the next */
+	struct fuse_uring_cmd_req *cmd;
+	unsigned head;
+	int n, res;
+
+	if (!sqe)
+		return -EBUSY;
+	cmd = (void *)sqe->cmd;
+	sqe->opcode = IORING_OP_URING_CMD;
+	sqe->fd = p->dev_fd;
+	sqe->cmd_op = FUSE_IO_URING_CMD_REGISTER;
+	sqe->addr = (uintptr_t)p->iov;
+	sqe->len = 2;
+	sqe->user_data = qid;
+	cmd->qid = (uint16_t)qid;
+	atomic_store_explicit(r->sq_tail, r->sq_local_tail, memory_order_release);
+	do {
+		n = sys_io_uring_enter(r->fd, 1, 0, IORING_ENTER_GETEVENTS);
+	} while (n == -EINTR);
+	if (n != 1)
+		return n < 0 ? n : -EAGAIN;
+	head = atomic_load_explicit(r->cq_head, memory_order_relaxed);
+	if (head == atomic_load_explicit(r->cq_tail, memory_order_acquire))
+		return 0;
+	res = r->cqes[head & r->cq_mask].res;
+	atomic_store_explicit(r->cq_head, head + 1, memory_order_release);
+	return res < 0 ? res : 0;
+}
+
+/* Does the ring have queue 'qid'?  1 yes, 0 no, or -errno.  EAGAIN is the
+ * connection not yet initialized (fuse_uring_cmd()): retried, bounded. */
+static int probe_has_queue(struct queue_probe *p, unsigned qid)
+{
+	int err = probe_register(p, qid);
+
+	for (unsigned i = 0; err == -EAGAIN && i < 100; i++) {
+		sleep_ms(10);
+		err = probe_register(p, qid);
+	}
+	if (err == -EINVAL && qid > 0)
+		return 0;
+	return err < 0 ? err : 1;
+}
+
+/* The number of queues: the first qid refused.  Returns it or -errno. */
+static int probe_count(struct queue_probe *p)
+{
+	unsigned lo = 1, hi = PROBE_MAX_QID + 1;	/* qids < lo exist, hi does not */
+	int has = probe_has_queue(p, 0);
+
+	for (unsigned q = 1; has > 0 && q <= PROBE_MAX_QID; q *= 2) {
+		has = probe_has_queue(p, q);
+		if (has > 0)
+			lo = q + 1;
+		else if (has == 0)
+			hi = q;
+	}
+	while (has >= 0 && lo < hi) {
+		unsigned mid = lo + (hi - lo) / 2;
+
+		has = probe_has_queue(p, mid);
+		if (has > 0)
+			lo = mid + 1;
+		else if (has == 0)
+			hi = mid;
+	}
+	if (has < 0)
+		return has;
+	return lo > PROBE_MAX_QID ? -ERANGE : (int)lo;
+}
+
+/* Ask the kernel how many io_uring queues a FUSE connection has (see
+ * above).  Returns the count, or -errno (-EPERM for a user). */
+static int ring_probe_queues(void)
+{
+	struct queue_probe p = { .dev_fd = -1, .fs_fd = -1 };
+	size_t len = round_up(FUSE_MIN_READ_BUFFER, page_size());
+	int n;
+
+	p.payload = buffer_alloc(len);
+	if (!p.payload)
+		return -ENOMEM;
+	p.iov[0] = (struct iovec){ &p.hdr, sizeof(p.hdr) };
+	p.iov[1] = (struct iovec){ p.payload, len };
+	n = probe_connect(&p);
+	if (!n)
+		n = probe_init(&p);
+	if (!n)
+		n = ring_init(&p.ring, 4);
+	if (!n)
+		n = probe_count(&p);
+	/* The instance first: its end ends the entries parked on the ring. */
+	if (p.fs_fd >= 0)
+		close(p.fs_fd);
+	if (p.ring.map)
+		ring_exit(&p.ring);
+	if (p.dev_fd >= 0)
+		close(p.dev_fd);
+	munmap(p.payload, len);
+	return n;
+}
+
 /* ======================================================================
  * Mount and unmount
  *
@@ -3802,8 +3989,13 @@ static int startup_plan_rings(struct export *exp, struct startup *st)
 	if (!offered)
 		return 0;
 	nq = possible_cpus();
+	if (nq < 0 && (nq = ring_probe_queues()) > 0)
+		log_info("io_uring: no /sys/devices/system/cpu/possible: the kernel "
+			 "takes %d queues", nq);
 	if (nq < 0) {
-		st->reason = "cannot read /sys/devices/system/cpu/possible";
+		snprintf(st->why, sizeof(st->why), "no /sys/devices/system/cpu/possible, "
+			 "and asking the kernel failed: %s", strerror(-nq));
+		st->reason = st->why;
 		return 0;
 	}
 	memory_plan(o->max_memory, (unsigned)nq, &depth, &payload);
