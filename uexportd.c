@@ -135,22 +135,37 @@ _Static_assert(sizeof(struct fuse_lseek_in) == 24, "fuse_lseek_in");
  * Everything below returns -errno on failure; only the boundary (main, a
  * start-up phase's caller, a thread's top level) logs, once, with context.
  * The log's settings are the program's only file-scope variables: fixed by
- * the options, except log_syslog, set once when daemonized.
+ * the options, except where messages go, set once by log_detach() in a
+ * process that lets its caller's stderr go (the daemon, its watcher).
  * ====================================================================== */
 
-static bool log_syslog;		/* stderr is gone once daemonized */
+static const char *log_ident = "uexportd";
+static bool log_syslog;		/* detached: to syslog */
+static int log_fd = STDERR_FILENO;	/* else here; -1: nowhere */
+static bool log_kmsg;		/* log_fd is /dev/kmsg: one record per write */
 static bool log_verbose;
 static bool log_debug;
 
 static void log_vmsg(int prio, const char *fmt, va_list ap)
 {
-	char line[512];
+	char line[512], rec[600];
+	int n;
 
 	vsnprintf(line, sizeof(line), fmt, ap);
-	if (log_syslog)
+	if (log_syslog) {
 		syslog(prio, "%s", line);
+		return;
+	}
+	if (log_fd < 0)
+		return;
+	if (log_kmsg)	/* the record's priority in front: Documentation/ABI/testing/dev-kmsg */
+		n = snprintf(rec, sizeof(rec), "<%d>%s[%d]: %s\n", LOG_DAEMON | prio, log_ident,
+			     (int)getpid(), line);
 	else
-		fprintf(stderr, "uexportd: %s\n", line);
+		n = snprintf(rec, sizeof(rec), "%s: %s\n", log_ident, line);
+	/* One write: a line is never torn among other writers' output. */
+	if (write(log_fd, rec, n < (int)sizeof(rec) ? (size_t)n : sizeof(rec) - 1) < 0)
+		return;		/* nowhere left to say so */
 }
 
 static void __attribute__((format(printf, 1, 2))) log_err(const char *fmt, ...)
@@ -159,6 +174,16 @@ static void __attribute__((format(printf, 1, 2))) log_err(const char *fmt, ...)
 
 	va_start(ap, fmt);
 	log_vmsg(LOG_ERR, fmt, ap);
+	va_end(ap);
+}
+
+/* Always logged, not an error: the start-up line, the watcher's work. */
+static void __attribute__((format(printf, 1, 2))) log_notice(const char *fmt, ...)
+{
+	va_list ap;
+
+	va_start(ap, fmt);
+	log_vmsg(LOG_NOTICE, fmt, ap);
 	va_end(ap);
 }
 
@@ -171,6 +196,66 @@ static void __attribute__((format(printf, 1, 2))) log_info(const char *fmt, ...)
 	va_start(ap, fmt);
 	log_vmsg(LOG_INFO, fmt, ap);
 	va_end(ap);
+}
+
+/* Is a syslog daemon listening on /dev/log (what syslog(3) writes to)? */
+static bool syslog_reachable(void)
+{
+	static const int types[] = { SOCK_DGRAM, SOCK_STREAM };
+	struct sockaddr_un sa = { .sun_family = AF_UNIX, .sun_path = "/dev/log" };
+	bool ok = false;
+
+	for (unsigned i = 0; i < 2 && !ok; i++) {
+		int fd = socket(AF_UNIX, types[i] | SOCK_CLOEXEC, 0);
+
+		ok = fd >= 0 && connect(fd, (struct sockaddr *)&sa, sizeof(sa)) == 0;
+		if (fd >= 0)
+			close(fd);
+	}
+	return ok;
+}
+
+/*
+ * Where a detached process -- the daemon once live, its crash watcher --
+ * logs, now that it lets its caller's stderr go: syslog, when a daemon
+ * listens on /dev/log.  A bare root or an initramfs has none; then the
+ * caller's stderr if it is a terminal or a file, which the process may
+ * keep (not a pipe or a socket: their reader would wait for our EOF), else
+ * the kernel's log (/dev/kmsg), else nowhere, which 'warn' says on stderr
+ * while it still is the caller's.  Returns true if stderr is to be kept.
+ */
+static bool log_detach(const char *ident, bool warn)
+{
+	struct stat st;
+	int kmsg;
+
+	log_ident = ident;
+	if (syslog_reachable()) {
+		openlog(ident, LOG_PID, LOG_DAEMON);
+		log_syslog = true;
+		return false;
+	}
+	if (isatty(STDERR_FILENO) || (fstat(STDERR_FILENO, &st) == 0 && S_ISREG(st.st_mode)))
+		return true;
+	kmsg = open("/dev/kmsg", O_WRONLY | O_NOCTTY | O_CLOEXEC);
+	if (kmsg < 0 && warn)
+		log_err("warning: no syslog (/dev/log), no /dev/kmsg, and stderr is a pipe: "
+			"later messages are lost (send stderr to a file, or run with -f)");
+	log_fd = kmsg;
+	log_kmsg = kmsg >= 0;
+	return false;
+}
+
+/* /dev/null, or, in a bare root without one, the root directory: reads and
+ * writes fail on it (EISDIR, EBADF) as harmlessly as /dev/null swallows
+ * them.  For dup2() over descriptors 0-2.  Returns it or -errno. */
+static int open_null(void)
+{
+	int fd = open("/dev/null", O_RDWR | O_CLOEXEC);
+
+	if (fd < 0)
+		fd = open("/", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	return fd < 0 ? -errno : fd;
 }
 
 static uint64_t now_ns(void)
@@ -521,7 +606,7 @@ static int stat_within(const char *path, bool follow, unsigned ms, struct stat *
 		return -errno;
 	pid = fork();
 	if (pid == 0) {
-		null = open("/dev/null", O_RDWR);
+		null = open_null();
 		for (int fd = STDIN_FILENO; fd <= STDERR_FILENO; fd++)
 			null >= 0 ? dup2(null, fd) : close(fd);
 		close_fd_range(STDERR_FILENO + 1, (unsigned)p[1] - 1);
@@ -3358,7 +3443,7 @@ static pid_t fusermount_spawn(char *const argv[], int commfd, int errfd)
 	if (pid < 0)
 		return -errno;
 	if (pid == 0) {
-		int null = open("/dev/null", O_RDWR);
+		int null = open_null();
 		char env[32];
 
 		if (commfd >= 0) {
@@ -3577,8 +3662,30 @@ static bool watcher_wait_dead(const struct mount_opts *mo)
 	return false;
 }
 
-/* 'mo' is the daemon's, as it was at the fork. */
-static void watcher_main(int rfd, const struct mount_opts *mo, int sock)
+/* As root, after daemon 'daemon' died: abort its connection and detach
+ * its mount, if the mount on top is still its own.  Logs what it did. */
+static void watcher_clean_up(const struct mount_opts *mo, pid_t daemon)
+{
+	int err;
+
+	/* Only while our mount is there does the minor name our connection:
+	 * once it is gone, a successor's may have the same one.  Gone or
+	 * covered, the kernel aborts ours when its last fd closes anyway. */
+	if (!mount_is_ours(mo)) {
+		log_notice("daemon %d died; %s is no longer its mount: left alone",
+			   (int)daemon, mo->target);
+		return;
+	}
+	log_notice("daemon %d died: aborting connection %u, detaching %s", (int)daemon,
+		   mo->minor, mo->target);
+	if ((err = fuse_abort_connection(mo->minor)) < 0 && err != -ENOENT)
+		log_err("abort connection %u: %s", mo->minor, strerror(-err));
+	if (umount2(mo->target, MNT_DETACH | UMOUNT_NOFOLLOW) < 0)
+		log_err("detach %s: %s", mo->target, strerror(errno));
+}
+
+/* 'mo' is daemon 'daemon''s, as it was at the fork. */
+static void watcher_main(int rfd, const struct mount_opts *mo, int sock, pid_t daemon)
 {
 	bool stopped = false;
 	char c;
@@ -3596,16 +3703,14 @@ static void watcher_main(int rfd, const struct mount_opts *mo, int sock)
 	if (!stopped && sock >= 0 && watcher_wait_dead(mo)) {
 		char *argv[] = { "fusermount3", "-u", "-z", "-q", "--", (char *)mo->target, NULL };
 
+		log_notice("daemon %d died: detaching %s with fusermount3", (int)daemon,
+			   mo->target);
 		close(sock);
 		execvp("fusermount3", argv);
+		log_err("fusermount3: %s", strerror(errno));
 	}
-	/* Only while our mount is there does the minor name our connection:
-	 * once it is gone, a successor's may have the same one.  Gone or
-	 * covered, the kernel aborts ours when its last fd closes anyway. */
-	if (!stopped && mo->privileged && mo->minor && mount_is_ours(mo)) {
-		fuse_abort_connection(mo->minor);
-		umount2(mo->target, MNT_DETACH | UMOUNT_NOFOLLOW);
-	}
+	if (!stopped && mo->privileged && mo->minor)
+		watcher_clean_up(mo, daemon);
 	_exit(0);
 }
 
@@ -3616,7 +3721,8 @@ static void watcher_main(int rfd, const struct mount_opts *mo, int sock)
 static int watcher_start(struct mount_opts *mo)
 {
 	int sock = mo->watch_fd, p[2], null;
-	pid_t pid;
+	pid_t daemon = getpid(), pid;
+	bool keep_stderr;
 
 	if (mo->privileged && !mo->minor)
 		return -ENOENT;
@@ -3632,20 +3738,24 @@ static int watcher_start(struct mount_opts *mo)
 	}
 	if (pid == 0) {
 		/* Hold nothing of the daemon's -- its /dev/fuse fd would keep
-		 * the connection alive -- nor the caller's pipes. */
-		null = open("/dev/null", O_RDWR);
-		for (int fd = STDIN_FILENO; null >= 0 && fd <= STDERR_FILENO; fd++)
-			dup2(null, fd);
-		if (sock >= 0 && sock != p[0] + 1) {
+		 * the connection alive -- nor the caller's pipes.  Its log
+		 * (log_detach) is opened once the rest is closed. */
+		if (sock >= 0 && sock != p[0] + 1)
 			sock = dup2(sock, p[0] + 1);
-		}
 		close_fd_range(STDERR_FILENO + 1, (unsigned)p[0] - 1);
 		close_fd_range((unsigned)p[0] + (sock >= 0 ? 2 : 1), ~0U);
+		keep_stderr = log_detach("uexportd-watch", false);
+		null = open_null();
+		for (int fd = STDIN_FILENO; null >= 0 && fd <= STDERR_FILENO; fd++)
+			if (fd != STDERR_FILENO || !keep_stderr)
+				dup2(null, fd);
+		if (null > STDERR_FILENO)
+			close(null);
 		setsid();
 		prctl(PR_SET_NAME, "uexportd-watch");
 		if (sock < 0)	/* a user's watcher runs the setuid fusermount3 */
 			prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
-		watcher_main(p[0], mo, sock);
+		watcher_main(p[0], mo, sock, daemon);
 	}
 	close(p[0]);
 	if (sock >= 0)
@@ -4179,11 +4289,13 @@ static int start_export(struct export *exp, struct startup *st, struct mount_opt
 	return err;
 }
 
-/* The one line that says what is served and how. */
-static void log_startup(const struct export *exp, const struct options *o, const char *reason)
+/* The one line that says what is served and how, into 'line'; on stderr
+ * in the foreground or with -v (serve() logs it again once daemonized). */
+static void log_startup(const struct export *exp, const struct options *o, const char *reason,
+			char *line, size_t cap)
 {
 	const struct image *img = &exp->img;
-	char line[1024], how[256], flags[128];
+	char how[256], flags[128];
 
 	if (reason)
 		snprintf(how, sizeof(how), "transport=dev-fuse threads=%u reason=%s",
@@ -4191,15 +4303,12 @@ static void log_startup(const struct export *exp, const struct options *o, const
 	else
 		snprintf(how, sizeof(how), "transport=uring queues=%u depth=%u",
 			 exp->rings->nr_queues, exp->rings->depth);
-	snprintf(line, sizeof(line), "%s (%llu bytes, %s%s%s) on %s: %s",
+	snprintf(line, cap, "%s (%llu bytes, %s%s%s) on %s: %s",
 		 o->image, (unsigned long long)img->size, img->writable ? "rw" : "ro",
 		 img->growable ? ",growable" : "", img->passthrough ? ",passthrough" : "",
 		 o->mountpoint, how);
-	/* Foreground, or -v: on stderr.  Daemonized: also syslog. */
 	if (o->foreground || log_verbose)
 		fprintf(stderr, "uexportd: %s\n", line);
-	if (!o->foreground)
-		syslog(LOG_INFO, "%s", line);
 	if (!reason)
 		log_info("io_uring: setup flags %s, payload %u bytes per entry, "
 			 "copies of %u KiB+ on io-wq: %s",
@@ -4524,25 +4633,27 @@ static int daemonize_begin(const char *mountpoint, struct pidfile *pf, int *read
 	if (getppid() != parent)
 		raise(SIGTERM);
 	setsid();
-	openlog("uexportd", LOG_PID, LOG_DAEMON);
 	return 0;
 }
 
 /* Start-up succeeded: release the parent waiting on 'ready_fd' (closed
- * here; -1 in the foreground) and drop the terminal. */
+ * here; -1 in the foreground) and let the caller's stdio go, stderr too
+ * unless it is where the daemon logs from now on (log_detach). */
 static void daemonize_finish(int ready_fd)
 {
+	bool keep_stderr;
 	int null;
 
 	if (ready_fd < 0)
 		return;
 	prctl(PR_SET_PDEATHSIG, 0);
-	log_syslog = true;
-	null = open("/dev/null", O_RDWR);
+	keep_stderr = log_detach("uexportd", true);
+	null = open_null();
 	if (null >= 0) {
 		dup2(null, STDIN_FILENO);
 		dup2(null, STDOUT_FILENO);
-		dup2(null, STDERR_FILENO);
+		if (!keep_stderr)
+			dup2(null, STDERR_FILENO);
 		if (null > STDERR_FILENO)
 			close(null);
 	}
@@ -4732,12 +4843,13 @@ static int serve(struct export *exp, struct options *o, struct pidfile *pf, int 
 		.watch_fd = -1,
 	};
 	struct startup st = { .o = o };
+	char line[1024];
 	int err = start_export(exp, &st, &mo);
 
 	if (!err && (err = pidfile_write(pf)) < 0)
 		log_err("pidfile %s: %s", o->pidfile, strerror(-err));
 	if (!err)
-		log_startup(exp, o, st.reason);
+		log_startup(exp, o, st.reason, line, sizeof(line));
 	if (o->mountpoint_lock >= 0)
 		close(o->mountpoint_lock);
 	if (err) {
@@ -4746,6 +4858,9 @@ static int serve(struct export *exp, struct options *o, struct pidfile *pf, int 
 		return EXIT_FAILED;
 	}
 	daemonize_finish(ready_fd);
+	/* The daemon's log has the start-up line too, once. */
+	if (!o->foreground && !(log_verbose && !log_syslog && log_fd == STDERR_FILENO))
+		log_notice("%s", line);
 	notify_ready();
 	/* Nothing is executed from here on as root (umount2, not fusermount3),
 	 * so nothing may gain privileges through exec either.  A user's
