@@ -2452,7 +2452,8 @@ static void devfuse_join(struct export *exp)
 /* ======================================================================
  * Transport: FUSE-over-io_uring
  *
- * The kernel (6.14+) wants one queue per *possible* CPU and routes each
+ * The kernel (6.14+) wants one queue per *possible* CPU (without /sys the
+ * count is the kernel's answer, ring_probe_queues()) and routes each
  * request to the queue of the CPU its caller runs on; the ring only becomes
  * ready once every queue has an entry registered (fs/fuse/dev_uring.c).
  * Thread k owns queue k: its own ring, pinned to CPU k when that CPU is
