@@ -4,9 +4,9 @@
 # plus the empty file the export is mounted on -- and nothing else: no
 # /proc, /sys, /etc, /dev/null, /dev/log or /dev/kmsg.  Start (io_uring
 # counts its queues by asking the kernel), data, SIGTERM, an external
-# umount, a second start, kill -9 (the crash watcher), a client holding the
-# file at the stop (the abort through a detached fusectl mount), and a
-# daemon whose output is captured.
+# umount, a second start, kill -9 (the crash watcher), a dead mount left
+# anyway (--clean-stale), a client holding the file at the stop (the abort
+# through a detached fusectl mount), and a daemon whose output is captured.
 
 load helpers
 
@@ -193,6 +193,38 @@ crash_cleaned_up() {
 
 @test "musl: kill -9 leaves no dead mount: the watcher aborts and detaches, and says so" {
 	crash_cleaned_up musl
+}
+
+# The watcher killed with the daemon: the dead mount stays; the next start
+# names it (found by a bounded stat, no /proc), --clean-stale detaches it.
+stale_cleaned() {
+	local rc=0 wpid
+	bare_root "$1"
+	bare_daemon
+	wpid=$(pgrep -P "$DPID" -x uexportd-watch) || { echo "no watcher" >&2; return 1; }
+	kill -9 "$wpid" "$DPID"
+	wait_until 5 pid_gone "$DPID"
+	rm -f "$PIDFILE"
+	bare_mounted
+	chroot "$ROOT" /uexportd $(transport_opt) -w /image /file >"$W/stale.log" 2>&1 || rc=$?
+	[ "$rc" = 1 ] &&
+		grep -q "mount point /file: a dead FUSE mount is still there.*umount -l /file.*--clean-stale" "$W/stale.log" ||
+		{ echo "start over a dead mount: status $rc:" >&2; cat "$W/stale.log" >&2; return 1; }
+	bare_daemon --clean-stale
+	[ "$(bare_mounts)" = 1 ]
+	write_and_check
+	kill -TERM "$DPID"
+	wait_until 20 pid_gone "$DPID"
+	wait_until 5 bare_unmounted
+	in_image
+}
+
+@test "glibc: a dead mount left with the watcher killed too: named at the next start, --clean-stale detaches it" {
+	stale_cleaned static
+}
+
+@test "musl: a dead mount left with the watcher killed too: named at the next start, --clean-stale detaches it" {
+	stale_cleaned musl
 }
 
 # A client holds the file at the stop: lazy detach, then after the grace
