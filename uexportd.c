@@ -139,22 +139,37 @@ _Static_assert(sizeof(struct fuse_lseek_in) == 24, "fuse_lseek_in");
  * Everything below returns -errno on failure; only the boundary (main, a
  * start-up phase's caller, a thread's top level) logs, once, with context.
  * The log's settings are the program's only file-scope variables: fixed by
- * the options, except log_syslog, set once when daemonized.
+ * the options, except where messages go, set once by log_detach() in a
+ * process that lets its caller's stderr go (the daemon, its watcher).
  * ====================================================================== */
 
-static bool log_syslog;		/* stderr is gone once daemonized */
+static const char *log_ident = "uexportd";
+static bool log_syslog;		/* detached: to syslog */
+static int log_fd = STDERR_FILENO;	/* else here; -1: nowhere */
+static bool log_kmsg;		/* log_fd is /dev/kmsg: one record per write */
 static bool log_verbose;
 static bool log_debug;
 
 static void log_vmsg(int prio, const char *fmt, va_list ap)
 {
-	char line[512];
+	char line[512], rec[600];
+	int n;
 
 	vsnprintf(line, sizeof(line), fmt, ap);
-	if (log_syslog)
+	if (log_syslog) {
 		syslog(prio, "%s", line);
+		return;
+	}
+	if (log_fd < 0)
+		return;
+	if (log_kmsg)	/* the record's priority in front: Documentation/ABI/testing/dev-kmsg */
+		n = snprintf(rec, sizeof(rec), "<%d>%s[%d]: %s\n", LOG_DAEMON | prio, log_ident,
+			     (int)getpid(), line);
 	else
-		fprintf(stderr, "uexportd: %s\n", line);
+		n = snprintf(rec, sizeof(rec), "%s: %s\n", log_ident, line);
+	/* One write: a line is never torn among other writers' output. */
+	if (write(log_fd, rec, n < (int)sizeof(rec) ? (size_t)n : sizeof(rec) - 1) < 0)
+		return;		/* nowhere left to say so */
 }
 
 static void __attribute__((format(printf, 1, 2))) log_err(const char *fmt, ...)
@@ -163,6 +178,16 @@ static void __attribute__((format(printf, 1, 2))) log_err(const char *fmt, ...)
 
 	va_start(ap, fmt);
 	log_vmsg(LOG_ERR, fmt, ap);
+	va_end(ap);
+}
+
+/* Always logged, not an error: the start-up line, the watcher's work. */
+static void __attribute__((format(printf, 1, 2))) log_notice(const char *fmt, ...)
+{
+	va_list ap;
+
+	va_start(ap, fmt);
+	log_vmsg(LOG_NOTICE, fmt, ap);
 	va_end(ap);
 }
 
@@ -175,6 +200,66 @@ static void __attribute__((format(printf, 1, 2))) log_info(const char *fmt, ...)
 	va_start(ap, fmt);
 	log_vmsg(LOG_INFO, fmt, ap);
 	va_end(ap);
+}
+
+/* Is a syslog daemon listening on /dev/log (what syslog(3) writes to)? */
+static bool syslog_reachable(void)
+{
+	static const int types[] = { SOCK_DGRAM, SOCK_STREAM };
+	struct sockaddr_un sa = { .sun_family = AF_UNIX, .sun_path = "/dev/log" };
+	bool ok = false;
+
+	for (unsigned i = 0; i < 2 && !ok; i++) {
+		int fd = socket(AF_UNIX, types[i] | SOCK_CLOEXEC, 0);
+
+		ok = fd >= 0 && connect(fd, (struct sockaddr *)&sa, sizeof(sa)) == 0;
+		if (fd >= 0)
+			close(fd);
+	}
+	return ok;
+}
+
+/*
+ * Where a detached process -- the daemon once live, its crash watcher --
+ * logs, now that it lets its caller's stderr go: syslog, when a daemon
+ * listens on /dev/log.  A bare root or an initramfs has none; then the
+ * caller's stderr if it is a terminal or a file, which the process may
+ * keep (not a pipe or a socket: their reader would wait for our EOF), else
+ * the kernel's log (/dev/kmsg), else nowhere, which 'warn' says on stderr
+ * while it still is the caller's.  Returns true if stderr is to be kept.
+ */
+static bool log_detach(const char *ident, bool warn)
+{
+	struct stat st;
+	int kmsg;
+
+	log_ident = ident;
+	if (syslog_reachable()) {
+		openlog(ident, LOG_PID, LOG_DAEMON);
+		log_syslog = true;
+		return false;
+	}
+	if (isatty(STDERR_FILENO) || (fstat(STDERR_FILENO, &st) == 0 && S_ISREG(st.st_mode)))
+		return true;
+	kmsg = open("/dev/kmsg", O_WRONLY | O_NOCTTY | O_CLOEXEC);
+	if (kmsg < 0 && warn)
+		log_err("warning: no syslog (/dev/log), no /dev/kmsg, and stderr is a pipe: "
+			"later messages are lost (send stderr to a file, or run with -f)");
+	log_fd = kmsg;
+	log_kmsg = kmsg >= 0;
+	return false;
+}
+
+/* /dev/null, or, in a bare root without one, the root directory: reads and
+ * writes fail on it (EISDIR, EBADF) as harmlessly as /dev/null swallows
+ * them.  For dup2() over descriptors 0-2.  Returns it or -errno. */
+static int open_null(void)
+{
+	int fd = open("/dev/null", O_RDWR | O_CLOEXEC);
+
+	if (fd < 0)
+		fd = open("/", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	return fd < 0 ? -errno : fd;
 }
 
 static uint64_t now_ns(void)
@@ -265,9 +350,71 @@ static void close_fd_range(unsigned lo, unsigned hi)
 		close((int)fd);
 }
 
-static int write_file(const char *path, const char *text)
+/* Write 'text' into the existing file 'path', relative to 'dirfd' (a
+ * directory or mount descriptor, or AT_FDCWD).  Returns 0 or -errno. */
+/*
+ * The new mount API (Linux 5.2), by raw syscalls: musl 1.2.3 has no
+ * wrappers, glibc only since 2.36.  It makes a file system instance without
+ * any directory to mount it on: a bare root has none to spare.  Numbers
+ * and values from include/uapi/linux/mount.h (syscall numbers are the same
+ * on every architecture since 5.1).
+ */
+#ifndef SYS_fsopen
+#define SYS_fsopen		430
+#define SYS_fsconfig		431
+#define SYS_fsmount		432
+#endif
+#ifndef FSOPEN_CLOEXEC
+#define FSOPEN_CLOEXEC		0x00000001
+#endif
+#ifndef FSMOUNT_CLOEXEC
+#define FSMOUNT_CLOEXEC		0x00000001
+#endif
+#ifndef FSCONFIG_SET_STRING
+#define FSCONFIG_SET_STRING	1
+#endif
+#ifndef FSCONFIG_CMD_CREATE
+#define FSCONFIG_CMD_CREATE	6
+#endif
+
+/*
+ * A new instance (or the single one) of file system 'type', configured
+ * with 'opts' (key, value, ..., NULL; NULL for none): fsopen, fsconfig,
+ * FSCONFIG_CMD_CREATE.  Returns its file system context -- closing it lets
+ * the instance go unless a mount holds it -- or -errno (-ENOSYS before
+ * Linux 5.2, -EPERM without CAP_SYS_ADMIN).
+ */
+static int fs_context_create(const char *type, const char *const *opts)
 {
-	int fd = open(path, O_WRONLY | O_CLOEXEC);
+	int fs = (int)syscall(SYS_fsopen, type, FSOPEN_CLOEXEC);
+	int err = 0;
+
+	if (fs < 0)
+		return -errno;
+	for (; opts && opts[0] && !err; opts += 2)
+		if (syscall(SYS_fsconfig, fs, FSCONFIG_SET_STRING, opts[0], opts[1], 0) < 0)
+			err = -errno;
+	if (!err && syscall(SYS_fsconfig, fs, FSCONFIG_CMD_CREATE, NULL, NULL, 0) < 0)
+		err = -errno;
+	if (err) {
+		close(fs);
+		return err;
+	}
+	return fs;
+}
+
+/* A detached mount of the instance behind 'fs' (fs_context_create): no
+ * mount point, gone when the descriptor closes.  Returns it or -errno. */
+static int fs_mount_detached(int fs)
+{
+	int mnt = (int)syscall(SYS_fsmount, fs, FSMOUNT_CLOEXEC, 0);
+
+	return mnt < 0 ? -errno : mnt;
+}
+
+static int write_file_at(int dirfd, const char *path, const char *text)
+{
+	int fd = openat(dirfd, path, O_WRONLY | O_CLOEXEC);
 	ssize_t n;
 
 	if (fd < 0)
@@ -276,6 +423,11 @@ static int write_file(const char *path, const char *text)
 	n = n < 0 ? -errno : 0;
 	close(fd);
 	return (int)n;
+}
+
+static int write_file(const char *path, const char *text)
+{
+	return write_file_at(AT_FDCWD, path, text);
 }
 
 static int read_small_file(const char *path, char *buf, size_t cap)
@@ -458,7 +610,7 @@ static int stat_within(const char *path, bool follow, unsigned ms, struct stat *
 		return -errno;
 	pid = fork();
 	if (pid == 0) {
-		null = open("/dev/null", O_RDWR);
+		null = open_null();
 		for (int fd = STDIN_FILENO; fd <= STDERR_FILENO; fd++)
 			null >= 0 ? dup2(null, fd) : close(fd);
 		close_fd_range(STDERR_FILENO + 1, (unsigned)p[1] - 1);
@@ -610,7 +762,10 @@ static int ring_init(struct ring *r, unsigned entries)
 
 		if (r->map != MAP_FAILED)
 			munmap(r->map, r->map_len);
+		if (r->sqes != MAP_FAILED)
+			munmap(r->sqes, r->sqes_len);
 		close(r->fd);
+		memset(r, 0, sizeof(*r));	/* map NULL: nothing to ring_exit() */
 		return err;
 	}
 	base = r->map;
@@ -2301,7 +2456,8 @@ static void devfuse_join(struct export *exp)
 /* ======================================================================
  * Transport: FUSE-over-io_uring
  *
- * The kernel (6.14+) wants one queue per *possible* CPU and routes each
+ * The kernel (6.14+) wants one queue per *possible* CPU (without /sys the
+ * count is the kernel's answer, ring_probe_queues()) and routes each
  * request to the queue of the CPU its caller runs on; the ring only becomes
  * ready once every queue has an entry registered (fs/fuse/dev_uring.c).
  * Thread k owns queue k: its own ring, pinned to CPU k when that CPU is
@@ -2883,6 +3039,193 @@ static uint64_t ring_pool_served(const struct ring_pool *pool)
 	return n;
 }
 
+/*
+ * How many queues the kernel wants, when /sys cannot say (a bare root).
+ * It makes one per possible CPU (fs/fuse/dev_uring.c, fuse_uring_create():
+ * nr_queues = num_possible_cpus()) and refuses a REGISTER for a qid >=
+ * nr_queues with EINVAL before creating anything (fuse_uring_register()):
+ * so it is asked, with REGISTERs on a connection of our own -- a FUSE
+ * instance made with the new mount API and mounted nowhere (root only:
+ * fsopen wants CAP_SYS_ADMIN).  Never on the export's connection: a
+ * refused REGISTER turns its io_uring mode off (fuse_uring_cmd() clears
+ * fc->io_uring, and requests go to /dev/fuse until the ring is ready), and
+ * an accepted one parks an entry there that the kernel would hand requests
+ * to, on a ring no queue thread reaps.
+ *
+ * qid 0, which every ring has, goes first: accepted, it proves the
+ * REGISTER well formed (the kernel checks the qid before the buffers), so
+ * a later EINVAL can only be the qid's.  Then doubling and bisecting: about
+ * 2 log2(n) REGISTERs, all on one pair of buffers the kernel never writes:
+ * nothing can send a request to an instance that is mounted nowhere, even
+ * once its ring is ready.  Closing the instance aborts the connection,
+ * which ends the parked entries (fuse_uring_stop_queues()).  The kernel
+ * logs the first refusal ("Invalid ring qid").
+ */
+#define PROBE_MAX_QID	65535	/* fuse_uring_cmd_req.qid is 16 bits */
+
+struct queue_probe {
+	int dev_fd;			/* the probe connection's /dev/fuse */
+	int fs_fd;			/* its instance: closing it ends the connection */
+	struct ring ring;
+	struct fuse_uring_req_header hdr;
+	void *payload;
+	struct iovec iov[2];		/* hdr, payload: what every REGISTER names */
+};
+
+/* A FUSE instance on a fresh /dev/fuse fd; the kernel queues INIT on it
+ * while creating it (fs/fuse/inode.c, fuse_fill_super()).  Returns 0 or
+ * -errno. */
+static int probe_connect(struct queue_probe *p)
+{
+	char fd[16], uid[16], gid[16];
+	const char *const opts[] = { "fd", fd, "rootmode", "100000",
+				     "user_id", uid, "group_id", gid, NULL };
+
+	p->dev_fd = open("/dev/fuse", O_RDWR | O_NONBLOCK | O_CLOEXEC);
+	if (p->dev_fd < 0)
+		return -errno;
+	snprintf(fd, sizeof(fd), "%d", p->dev_fd);
+	snprintf(uid, sizeof(uid), "%u", getuid());
+	snprintf(gid, sizeof(gid), "%u", getgid());
+	p->fs_fd = fs_context_create("fuse", opts);
+	return p->fs_fd < 0 ? p->fs_fd : 0;
+}
+
+/* Answer the probe connection's INIT: requests of at most the probe's
+ * payload buffer, which is what REGISTER then checks the buffer against.
+ * Returns 0 or -errno. */
+static int probe_init(struct queue_probe *p)
+{
+	char buf[FUSE_MIN_READ_BUFFER];
+	const struct fuse_in_header *in = (const void *)buf;
+	struct {
+		struct fuse_out_header hdr;
+		struct fuse_init_out init;
+	} reply;
+	ssize_t n = read(p->dev_fd, buf, sizeof(buf));
+	int err;
+
+	if (n < 0)
+		return -errno;
+	if ((size_t)n < sizeof(*in) + sizeof(struct fuse_init_in) || in->opcode != FUSE_INIT)
+		return -EPROTO;
+	err = fuse_init((const void *)(in + 1), &reply.init, false,
+			(uint32_t)p->iov[1].iov_len, 0, 1);
+	if (err)
+		return err;
+	reply.init.flags2 |= (uint32_t)(FUSE_OVER_IO_URING >> 32);
+	reply.hdr = (struct fuse_out_header){ .len = sizeof(reply), .unique = in->unique };
+	return write(p->dev_fd, &reply, sizeof(reply)) < 0 ? -errno : 0;
+}
+
+/* One REGISTER for 'qid'.  An accepted REGISTER stays parked without a
+ * CQE; a refused one completes at once (as in ring_queue_register).
+ * Returns 0 if accepted, else the refusal's or io_uring_enter's -errno. */
+static int probe_register(struct queue_probe *p, unsigned qid)
+{
+	struct ring *r = &p->ring;
+	struct io_uring_sqe *sqe = ring_sqe(r);	/* each is consumed before the next */
+	struct fuse_uring_cmd_req *cmd;
+	unsigned head;
+	int n, res;
+
+	if (!sqe)
+		return -EBUSY;
+	cmd = (void *)sqe->cmd;
+	sqe->opcode = IORING_OP_URING_CMD;
+	sqe->fd = p->dev_fd;
+	sqe->cmd_op = FUSE_IO_URING_CMD_REGISTER;
+	sqe->addr = (uintptr_t)p->iov;
+	sqe->len = 2;
+	sqe->user_data = qid;
+	cmd->qid = (uint16_t)qid;
+	atomic_store_explicit(r->sq_tail, r->sq_local_tail, memory_order_release);
+	do {
+		n = sys_io_uring_enter(r->fd, 1, 0, IORING_ENTER_GETEVENTS);
+	} while (n == -EINTR);
+	if (n != 1)
+		return n < 0 ? n : -EAGAIN;
+	head = atomic_load_explicit(r->cq_head, memory_order_relaxed);
+	if (head == atomic_load_explicit(r->cq_tail, memory_order_acquire))
+		return 0;
+	res = r->cqes[head & r->cq_mask].res;
+	atomic_store_explicit(r->cq_head, head + 1, memory_order_release);
+	return res < 0 ? res : 0;
+}
+
+/* Does the ring have queue 'qid'?  1 yes, 0 no, or -errno.  EAGAIN is the
+ * connection not yet initialized (fuse_uring_cmd()): retried, bounded. */
+static int probe_has_queue(struct queue_probe *p, unsigned qid)
+{
+	int err = probe_register(p, qid);
+
+	for (unsigned i = 0; err == -EAGAIN && i < 100; i++) {
+		sleep_ms(10);
+		err = probe_register(p, qid);
+	}
+	if (err == -EINVAL && qid > 0)
+		return 0;
+	return err < 0 ? err : 1;
+}
+
+/* The number of queues: the first qid refused.  Returns it or -errno. */
+static int probe_count(struct queue_probe *p)
+{
+	unsigned lo = 1, hi = PROBE_MAX_QID + 1;	/* qids < lo exist, hi does not */
+	int has = probe_has_queue(p, 0);
+
+	for (unsigned q = 1; has > 0 && q <= PROBE_MAX_QID; q *= 2) {
+		has = probe_has_queue(p, q);
+		if (has > 0)
+			lo = q + 1;
+		else if (has == 0)
+			hi = q;
+	}
+	while (has >= 0 && lo < hi) {
+		unsigned mid = lo + (hi - lo) / 2;
+
+		has = probe_has_queue(p, mid);
+		if (has > 0)
+			lo = mid + 1;
+		else if (has == 0)
+			hi = mid;
+	}
+	if (has < 0)
+		return has;
+	return lo > PROBE_MAX_QID ? -ERANGE : (int)lo;
+}
+
+/* Ask the kernel how many io_uring queues a FUSE connection has (see
+ * above).  Returns the count, or -errno (-EPERM for a user). */
+static int ring_probe_queues(void)
+{
+	struct queue_probe p = { .dev_fd = -1, .fs_fd = -1 };
+	size_t len = round_up(FUSE_MIN_READ_BUFFER, page_size());
+	int n;
+
+	p.payload = buffer_alloc(len);
+	if (!p.payload)
+		return -ENOMEM;
+	p.iov[0] = (struct iovec){ &p.hdr, sizeof(p.hdr) };
+	p.iov[1] = (struct iovec){ p.payload, len };
+	n = probe_connect(&p);
+	if (!n)
+		n = probe_init(&p);
+	if (!n)
+		n = ring_init(&p.ring, 4);
+	if (!n)
+		n = probe_count(&p);
+	/* The instance first: its end ends the entries parked on the ring. */
+	if (p.fs_fd >= 0)
+		close(p.fs_fd);
+	if (p.ring.map)
+		ring_exit(&p.ring);
+	if (p.dev_fd >= 0)
+		close(p.dev_fd);
+	munmap(p.payload, len);
+	return n;
+}
+
 /* ======================================================================
  * Mount and unmount
  *
@@ -2923,9 +3266,11 @@ static void mountinfo_unescape(char *s)
 }
 
 /*
- * Is 'path' a mount point?  Returns 1 and the device minor of the topmost
- * mount there, 0 if not mounted, -errno if mountinfo is unreadable.
- * Reading mountinfo sends no request to any FUSE file system.
+ * Is 'path' a mount point, by /proc/self/mountinfo (mount_point() without
+ * statx's answer)?  Returns 1 and the device minor of the topmost mount
+ * there, 0 if not mounted, -errno if mountinfo is unreadable (-ENOENT
+ * without /proc).  Reading mountinfo sends no request to any FUSE file
+ * system.
  */
 static int mount_lookup(const char *path, unsigned *minor_out)
 {
@@ -2957,23 +3302,38 @@ static int mount_lookup(const char *path, unsigned *minor_out)
 #ifndef STATX_MNT_ID_UNIQUE
 #define STATX_MNT_ID_UNIQUE	0x00004000U	/* linux/stat.h, Linux 6.8 */
 #endif
+#ifndef STATX_ATTR_MOUNT_ROOT
+#define STATX_ATTR_MOUNT_ROOT	0x00002000	/* linux/stat.h, Linux 5.8 */
+#endif
+
+/*
+ * statx of what is on top of 'path', asking for 'mask'.  No /proc needed,
+ * and no request sent to a FUSE file system there: AT_STATX_DONT_SYNC
+ * makes a FUSE mount answer from cached attributes (fs/fuse/dir.c,
+ * fuse_update_get_attr()), so a dead or hung one cannot block the caller.
+ * Returns 0 or -errno.
+ */
+static int mount_statx(const char *path, unsigned mask, struct statx *stx)
+{
+	memset(stx, 0, sizeof(*stx));
+	if (syscall(SYS_statx, AT_FDCWD, path,
+		    AT_SYMLINK_NOFOLLOW | AT_NO_AUTOMOUNT | AT_STATX_DONT_SYNC, mask, stx) < 0)
+		return -errno;
+	return 0;
+}
 
 /*
  * The unique ID of the mount on top of 'path': never reused while the
  * system runs, unlike the device minor of a FUSE connection or the mount
  * ID of mountinfo, which the next mount may take over.  0 when the kernel
- * cannot tell (before 6.8) or statx fails.  AT_STATX_DONT_SYNC makes a
- * FUSE mount answer from cached attributes without sending a request
- * (fs/fuse/dir.c, fuse_update_get_attr()): a dead or hung one cannot
- * block the caller.
+ * cannot tell (before 6.8) or statx fails.
  */
 static uint64_t mount_unique_id(const char *path, unsigned *minor_out)
 {
-	struct statx stx = { 0 };
+	struct statx stx;
 
-	if (syscall(SYS_statx, AT_FDCWD, path,
-		    AT_SYMLINK_NOFOLLOW | AT_NO_AUTOMOUNT | AT_STATX_DONT_SYNC,
-		    STATX_MNT_ID_UNIQUE, &stx) < 0 || !(stx.stx_mask & STATX_MNT_ID_UNIQUE))
+	if (mount_statx(path, STATX_MNT_ID_UNIQUE, &stx) < 0 ||
+	    !(stx.stx_mask & STATX_MNT_ID_UNIQUE))
 		return 0;
 	if (minor_out)
 		*minor_out = stx.stx_dev_minor;
@@ -2981,10 +3341,30 @@ static uint64_t mount_unique_id(const char *path, unsigned *minor_out)
 }
 
 /*
+ * Is 'path' a mount point?  Returns 1 and the device minor of the topmost
+ * mount there, 0 if not mounted, -errno if neither statx nor mountinfo can
+ * tell.  statx says whether the path is the root of a mount
+ * (STATX_ATTR_MOUNT_ROOT, fs/stat.c; Linux 5.8), which needs no /proc;
+ * /proc/self/mountinfo is the fallback before that.
+ */
+static int mount_point(const char *path, unsigned *minor_out)
+{
+	struct statx stx;
+
+	if (mount_statx(path, 0, &stx) == 0 &&
+	    (stx.stx_attributes_mask & STATX_ATTR_MOUNT_ROOT)) {
+		if (minor_out)
+			*minor_out = stx.stx_dev_minor;
+		return (stx.stx_attributes & STATX_ATTR_MOUNT_ROOT) != 0;
+	}
+	return mount_lookup(path, minor_out);
+}
+
+/*
  * Is our export still the mount on top of mo->target?  By the unique ID
- * when the kernel has one.  Before 6.8, by the connection's device minor in
- * mountinfo: once our connection is gone, the next FUSE mount there may
- * have been given the same minor, and would be taken for ours.
+ * when the kernel has one.  Before 6.8, by the connection's device minor:
+ * once our connection is gone, the next FUSE mount there may have been
+ * given the same minor, and would be taken for ours.
  */
 static bool mount_is_ours(const struct mount_opts *mo)
 {
@@ -2992,7 +3372,7 @@ static bool mount_is_ours(const struct mount_opts *mo)
 
 	if (mo->mnt_id)
 		return mount_unique_id(mo->target, NULL) == mo->mnt_id;
-	return mount_lookup(mo->target, &top) == 1 && top == mo->minor;
+	return mount_point(mo->target, &top) == 1 && top == mo->minor;
 }
 
 /* Just mounted, nothing stacked on it yet: note who we are (mnt_id,
@@ -3000,7 +3380,7 @@ static bool mount_is_ours(const struct mount_opts *mo)
 static void mount_note_identity(struct mount_opts *mo)
 {
 	mo->mnt_id = mount_unique_id(mo->target, &mo->minor);
-	if (!mo->mnt_id && mount_lookup(mo->target, &mo->minor) != 1)
+	if (!mo->mnt_id && mount_point(mo->target, &mo->minor) != 1)
 		mo->minor = 0;
 }
 
@@ -3076,7 +3456,7 @@ static pid_t fusermount_spawn(char *const argv[], int commfd, int errfd)
 	if (pid < 0)
 		return -errno;
 	if (pid == 0) {
-		int null = open("/dev/null", O_RDWR);
+		int null = open_null();
 		char env[32];
 
 		if (commfd >= 0) {
@@ -3215,17 +3595,55 @@ static int unmount_export(const struct mount_opts *mo, bool lazy)
 	return fusermount_run(lazy ? detach : eager, !lazy);
 }
 
-/* Abort the connection through fusectl: the last resort when clients still
- * hold the file after a lazy unmount (root only). */
-static void fuse_abort_connection(unsigned minor)
+/*
+ * Abort the connection through a fusectl mount of our own that is mounted
+ * nowhere (fs_context_create, fs_mount_detached): fusectl has a single
+ * instance listing every connection (fs/fuse/control.c), so this needs
+ * neither /sys nor any directory.  Returns 0 or -errno.
+ */
+static int fuse_abort_detached(unsigned minor)
+{
+	char name[32];
+	int fs = fs_context_create("fusectl", NULL), mnt, err;
+
+	if (fs < 0)
+		return fs;
+	mnt = fs_mount_detached(fs);
+	close(fs);
+	if (mnt < 0)
+		return mnt;
+	snprintf(name, sizeof(name), "%u/abort", minor);
+	err = write_file_at(mnt, name, "1");
+	close(mnt);
+	return err;
+}
+
+/*
+ * Abort the connection whose device minor is 'minor' (the export's st_dev
+ * names it: fusectl's directory <minor>, fs/fuse/control.c): every request
+ * fails at once, the daemon's threads see the connection end.  The last
+ * resort when clients still hold the file after a lazy unmount, and the
+ * crash watcher's first step; root only.  Through
+ * /sys/fs/fuse/connections/<minor>/abort when fusectl is mounted there,
+ * else through a detached fusectl mount (a bare root has no /sys), else,
+ * before Linux 5.2, by mounting fusectl on /sys/fs/fuse/connections.
+ * Returns 0, -ENOENT if the connection is gone already, or -errno.
+ */
+static int fuse_abort_connection(unsigned minor)
 {
 	char path[64];
+	int err;
 
 	snprintf(path, sizeof(path), "/sys/fs/fuse/connections/%u/abort", minor);
-	if (write_file(path, "1") == -ENOENT) {
-		mount("fusectl", "/sys/fs/fuse/connections", "fusectl", 0, NULL);
-		write_file(path, "1");
+	err = write_file(path, "1");
+	if (err == -ENOENT)
+		err = fuse_abort_detached(minor);
+	if (err == -ENOSYS) {
+		if (mount("fusectl", "/sys/fs/fuse/connections", "fusectl", 0, NULL) < 0)
+			return -errno;
+		err = write_file(path, "1");
 	}
+	return err;
 }
 
 /*
@@ -3261,8 +3679,30 @@ static bool watcher_wait_dead(const struct mount_opts *mo)
 	return false;
 }
 
-/* 'mo' is the daemon's, as it was at the fork. */
-static void watcher_main(int rfd, const struct mount_opts *mo, int sock)
+/* As root, after daemon 'daemon' died: abort its connection and detach
+ * its mount, if the mount on top is still its own.  Logs what it did. */
+static void watcher_clean_up(const struct mount_opts *mo, pid_t daemon)
+{
+	int err;
+
+	/* Only while our mount is there does the minor name our connection:
+	 * once it is gone, a successor's may have the same one.  Gone or
+	 * covered, the kernel aborts ours when its last fd closes anyway. */
+	if (!mount_is_ours(mo)) {
+		log_notice("daemon %d died; %s is no longer its mount: left alone",
+			   (int)daemon, mo->target);
+		return;
+	}
+	log_notice("daemon %d died: aborting connection %u, detaching %s", (int)daemon,
+		   mo->minor, mo->target);
+	if ((err = fuse_abort_connection(mo->minor)) < 0 && err != -ENOENT)
+		log_err("abort connection %u: %s", mo->minor, strerror(-err));
+	if (umount2(mo->target, MNT_DETACH | UMOUNT_NOFOLLOW) < 0)
+		log_err("detach %s: %s", mo->target, strerror(errno));
+}
+
+/* 'mo' is daemon 'daemon''s, as it was at the fork. */
+static void watcher_main(int rfd, const struct mount_opts *mo, int sock, pid_t daemon)
 {
 	bool stopped = false;
 	char c;
@@ -3280,16 +3720,14 @@ static void watcher_main(int rfd, const struct mount_opts *mo, int sock)
 	if (!stopped && sock >= 0 && watcher_wait_dead(mo)) {
 		char *argv[] = { "fusermount3", "-u", "-z", "-q", "--", (char *)mo->target, NULL };
 
+		log_notice("daemon %d died: detaching %s with fusermount3", (int)daemon,
+			   mo->target);
 		close(sock);
 		execvp("fusermount3", argv);
+		log_err("fusermount3: %s", strerror(errno));
 	}
-	/* Only while our mount is there does the minor name our connection:
-	 * once it is gone, a successor's may have the same one.  Gone or
-	 * covered, the kernel aborts ours when its last fd closes anyway. */
-	if (!stopped && mo->privileged && mo->minor && mount_is_ours(mo)) {
-		fuse_abort_connection(mo->minor);
-		umount2(mo->target, MNT_DETACH | UMOUNT_NOFOLLOW);
-	}
+	if (!stopped && mo->privileged && mo->minor)
+		watcher_clean_up(mo, daemon);
 	_exit(0);
 }
 
@@ -3300,7 +3738,8 @@ static void watcher_main(int rfd, const struct mount_opts *mo, int sock)
 static int watcher_start(struct mount_opts *mo)
 {
 	int sock = mo->watch_fd, p[2], null;
-	pid_t pid;
+	pid_t daemon = getpid(), pid;
+	bool keep_stderr;
 
 	if (mo->privileged && !mo->minor)
 		return -ENOENT;
@@ -3316,15 +3755,19 @@ static int watcher_start(struct mount_opts *mo)
 	}
 	if (pid == 0) {
 		/* Hold nothing of the daemon's -- its /dev/fuse fd would keep
-		 * the connection alive -- nor the caller's pipes. */
-		null = open("/dev/null", O_RDWR);
-		for (int fd = STDIN_FILENO; null >= 0 && fd <= STDERR_FILENO; fd++)
-			dup2(null, fd);
-		if (sock >= 0 && sock != p[0] + 1) {
+		 * the connection alive -- nor the caller's pipes.  Its log
+		 * (log_detach) is opened once the rest is closed. */
+		if (sock >= 0 && sock != p[0] + 1)
 			sock = dup2(sock, p[0] + 1);
-		}
 		close_fd_range(STDERR_FILENO + 1, (unsigned)p[0] - 1);
 		close_fd_range((unsigned)p[0] + (sock >= 0 ? 2 : 1), ~0U);
+		keep_stderr = log_detach("uexportd-watch", false);
+		null = open_null();
+		for (int fd = STDIN_FILENO; null >= 0 && fd <= STDERR_FILENO; fd++)
+			if (fd != STDERR_FILENO || !keep_stderr)
+				dup2(null, fd);
+		if (null > STDERR_FILENO)
+			close(null);
 		setsid();
 		if (chdir("/") < 0) {
 			/* Hold no directory busy; failing, keep the one held. */
@@ -3332,7 +3775,7 @@ static int watcher_start(struct mount_opts *mo)
 		prctl(PR_SET_NAME, "uexportd-watch");
 		if (sock < 0)	/* a user's watcher runs the setuid fusermount3 */
 			prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
-		watcher_main(p[0], mo, sock);
+		watcher_main(p[0], mo, sock, daemon);
 	}
 	close(p[0]);
 	if (sock >= 0)
@@ -3522,7 +3965,7 @@ static int claim_mountpoint(struct options *o)
 		log_err("mount point %s: another uexportd is still starting on it", o->mountpoint);
 		return -EBUSY;
 	}
-	if (mount_lookup(o->mountpoint_abs, NULL) == 1) {
+	if (mount_point(o->mountpoint_abs, NULL) == 1) {
 		log_err("mount point %s: already a mount point", o->mountpoint);
 		return -EBUSY;
 	}
@@ -3560,14 +4003,22 @@ static void memory_plan_log(uint64_t budget, unsigned units, unsigned depth, uin
 		 (unsigned long long)(budget >> 20));
 }
 
-/* The kernel's bound on pages per request (fs.fuse.max_pages_limit);
- * 256, its default, when it cannot be read. */
+/*
+ * The kernel's bound on pages per request (fs.fuse.max_pages_limit); 256,
+ * its default (fuse_max_pages_limit, fs/fuse/inode.c) and the fixed bound
+ * of kernels without the setting, when it cannot be read (no /proc).  A
+ * guess too high costs nothing but buffer room: the kernel clamps
+ * max_pages to its limit at INIT (fs/fuse/inode.c, process_init_reply()).
+ */
 static unsigned max_pages_limit(void)
 {
 	char buf[32];
+	int n = read_small_file("/proc/sys/fs/fuse/max_pages_limit", buf, sizeof(buf));
 
-	if (read_small_file("/proc/sys/fs/fuse/max_pages_limit", buf, sizeof(buf)) > 0)
+	if (n > 0)
 		return (unsigned)atoi(buf);
+	if (n == -ENOENT && access("/proc/sys", F_OK) < 0)
+		log_info("no /proc: taking fs.fuse.max_pages_limit for its default, 256");
 	return 256;
 }
 
@@ -3575,8 +4026,12 @@ static unsigned max_pages_limit(void)
 static const char *uring_unavailable_reason(void)
 {
 	char v[8];
+	int n = read_small_file("/sys/module/fuse/parameters/enable_uring", v, sizeof(v));
 
-	if (read_small_file("/sys/module/fuse/parameters/enable_uring", v, sizeof(v)) <= 0)
+	if (n == -ENOENT && access("/sys/module", F_OK) < 0)
+		return "kernel did not offer FUSE_OVER_IO_URING (no /sys to tell why: "
+		       "needs Linux 6.14+ and fuse.enable_uring=Y)";
+	if (n <= 0)
 		return "kernel has no FUSE-over-io_uring (needs Linux 6.14+)";
 	if (v[0] != 'Y')
 		return "enable_uring is off";
@@ -3672,8 +4127,13 @@ static int startup_plan_rings(struct export *exp, struct startup *st)
 	if (!offered)
 		return 0;
 	nq = possible_cpus();
+	if (nq < 0 && (nq = ring_probe_queues()) > 0)
+		log_info("io_uring: no /sys/devices/system/cpu/possible: the kernel "
+			 "takes %d queues", nq);
 	if (nq < 0) {
-		st->reason = "cannot read /sys/devices/system/cpu/possible";
+		snprintf(st->why, sizeof(st->why), "no /sys/devices/system/cpu/possible, "
+			 "and asking the kernel failed: %s", strerror(-nq));
+		st->reason = st->why;
 		return 0;
 	}
 	memory_plan(o->max_memory, (unsigned)nq, &depth, &payload);
@@ -3870,22 +4330,21 @@ static void export_transport_desc(const struct export *exp, const char *reason,
 			 exp->rings->nr_queues, exp->rings->depth);
 }
 
-/* The one line that says what is served and how. */
-static void log_startup(const struct export *exp, const struct options *o, const char *reason)
+/* The one line that says what is served and how, into 'line'; on stderr
+ * in the foreground or with -v (serve() logs it again once daemonized). */
+static void log_startup(const struct export *exp, const struct options *o, const char *reason,
+			char *line, size_t cap)
 {
 	const struct image *img = &exp->img;
-	char line[1024], how[256], flags[128];
+	char how[256], flags[128];
 
 	export_transport_desc(exp, reason, how, sizeof(how));
-	snprintf(line, sizeof(line), "%s (%llu bytes, %s%s%s) on %s: %s",
+	snprintf(line, cap, "%s (%llu bytes, %s%s%s) on %s: %s",
 		 o->image, (unsigned long long)img->size, img->writable ? "rw" : "ro",
 		 img->growable ? ",growable" : "", img->passthrough ? ",passthrough" : "",
 		 o->mountpoint, how);
-	/* Foreground, or -v: on stderr.  Daemonized: also syslog. */
 	if (o->foreground || log_verbose)
 		fprintf(stderr, "uexportd: %s\n", line);
-	if (!o->foreground)
-		syslog(LOG_INFO, "%s", line);
 	if (!reason)
 		log_info("io_uring: setup flags %s, payload %u bytes per entry, "
 			 "copies of %u KiB+ on io-wq: %s",
@@ -4126,7 +4585,7 @@ static void unmount_dead(const char *mountpoint)
 	char abs[PATH_MAX];
 
 	if (geteuid() == 0 && path_abs_dir(mountpoint, abs, sizeof(abs)) == 0 &&
-	    mount_lookup(abs, NULL) == 1)
+	    mount_point(abs, NULL) == 1)
 		umount2(abs, MNT_DETACH);
 }
 
@@ -4226,25 +4685,27 @@ static int daemonize_begin(const char *mountpoint, struct pidfile *pf, int *read
 	if (getppid() != parent)
 		raise(SIGTERM);
 	setsid();
-	openlog("uexportd", LOG_PID, LOG_DAEMON);
 	return 0;
 }
 
 /* Start-up succeeded: release the parent waiting on 'ready_fd' (closed
- * here; -1 in the foreground) and drop the terminal. */
+ * here; -1 in the foreground) and let the caller's stdio go, stderr too
+ * unless it is where the daemon logs from now on (log_detach). */
 static void daemonize_finish(int ready_fd)
 {
+	bool keep_stderr;
 	int null;
 
 	if (ready_fd < 0)
 		return;
 	prctl(PR_SET_PDEATHSIG, 0);
-	log_syslog = true;
-	null = open("/dev/null", O_RDWR);
+	keep_stderr = log_detach("uexportd", true);
+	null = open_null();
 	if (null >= 0) {
 		dup2(null, STDIN_FILENO);
 		dup2(null, STDOUT_FILENO);
-		dup2(null, STDERR_FILENO);
+		if (!keep_stderr)
+			dup2(null, STDERR_FILENO);
 		if (null > STDERR_FILENO)
 			close(null);
 	}
@@ -4366,7 +4827,10 @@ static void shutdown_export(struct export *exp, struct mount_opts *mo, bool flus
 	/* Threads still serving: the connection, and so its minor, is ours. */
 	if (!export_threads_wait(exp, SHUTDOWN_GRACE_MS) && mo->privileged && mo->minor) {
 		log_info("clients still hold %s: aborting the connection", mo->target);
-		fuse_abort_connection(mo->minor);
+		err = fuse_abort_connection(mo->minor);
+		if (err && err != -ENOENT)
+			log_err("abort connection %u of %s: %s", mo->minor, mo->target,
+				strerror(-err));
 	}
 	watcher_stopped(mo);
 }
@@ -4454,7 +4918,7 @@ static int serve(struct export *exp, struct options *o, struct pidfile *pf, int 
 		.read_only = !o->writable, .flags = o->mount_flags, .watch_fd = -1,
 	};
 	struct startup st = { .o = o };
-	char status[256];
+	char status[256], line[1024];
 	bool serving;
 	int err = start_export(exp, &st, &mo), failed = EXIT_MOUNT;
 
@@ -4463,7 +4927,7 @@ static int serve(struct export *exp, struct options *o, struct pidfile *pf, int 
 		failed = EXIT_FAILED;
 	}
 	if (!err)
-		log_startup(exp, o, st.reason);
+		log_startup(exp, o, st.reason, line, sizeof(line));
 	if (o->mountpoint_lock >= 0)
 		close(o->mountpoint_lock);
 	if (err) {
@@ -4474,6 +4938,9 @@ static int serve(struct export *exp, struct options *o, struct pidfile *pf, int 
 	export_transport_desc(exp, st.reason, status, sizeof(status));
 	notify_live(o, status);
 	daemonize_finish(ready_fd);
+	/* The daemon's log has the start-up line too, once. */
+	if (!o->foreground && !(log_verbose && !log_syslog && log_fd == STDERR_FILENO))
+		log_notice("%s", line);
 	/* Hold no directory busy: "umount" of where we were started works.
 	 * Every path kept from here on is absolute. */
 	if (chdir("/") < 0)

@@ -76,12 +76,13 @@ done
 # transports in make check-long: make check stays within its ten minutes.
 # Every report goes to a file in one directory (the daemon's stderr is
 # /dev/null once it is a daemon); any file there fails the run.  The
-# harnesses (fuzz_08, unit_11) are sanitized builds already and bench_09
-# measures: they do not run again.  SANITIZE="" skips the passes.
+# harnesses (fuzz_08, unit_11) are sanitized builds already, bench_09
+# measures, bare_16 runs the static builds and install_17 make install:
+# they do not run again.  SANITIZE="" skips the passes.
 san_files=() tsan_files=()
 TSAN_FILES=${TSAN_FILES:-io_02 stress_04 uring_05 safety_10 crash_14 faults_12}
 for f in "${files[@]}"; do
-	case $f in */fuzz_08.bats|*/unit_11.bats|*/bench_09.bats) continue ;; esac
+	case $f in */fuzz_08.bats|*/unit_11.bats|*/bench_09.bats|*/bare_16.bats|*/install_17.bats) continue ;; esac
 	san_files+=("$f")
 	b=$(basename "$f" .bats)
 	[[ " $TSAN_FILES " == *" $b "* || -n "${LONG:-}" ]] && tsan_files+=("$f")
