@@ -55,11 +55,12 @@ passed=0 failed=$build_failed skipped=0 rc=$build_failed
 
 # run_pass LABEL TRANSPORT FILE...: one bats run, added to the tally.
 run_pass() {
-	local label=$1 transport=$2 out p s f; shift 2
+	local label=$1 transport=$2 out p s f t0=$SECONDS; shift 2
 	echo "=== $label, transport: $transport ==="
 	out=$(mktemp)
 	UEXPORTD_TRANSPORT=$transport bats --tap "$@" | tee "$out"
 	[ "${PIPESTATUS[0]}" = 0 ] || rc=1
+	echo "=== $label, transport: $transport: $((SECONDS - t0)) s ==="
 	p=$(grep -c '^ok ' "$out"); s=$(grep -c '^ok .* # skip' "$out"); f=$(grep -c '^not ok ' "$out")
 	passed=$((passed + p - s)) skipped=$((skipped + s)) failed=$((failed + f))
 	rm -f "$out"
