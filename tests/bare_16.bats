@@ -140,7 +140,7 @@ never_stacks() {
 	bare_root "$1"
 	bare_fg
 	chroot "$ROOT" /uexportd $(transport_opt) -w /image /file >"$W/second.log" 2>&1 || rc=$?
-	[ "$rc" = 1 ] && grep -q "mount point /file: already a mount point" "$W/second.log" ||
+	[ "$rc" = 5 ] && grep -q "mount point /file: already a mount point" "$W/second.log" ||
 		{ echo "second start: status $rc:" >&2; cat "$W/second.log" >&2; return 1; }
 	[ "$(bare_mounts)" = 1 ]
 	kill -TERM "$DPID"
@@ -207,7 +207,7 @@ stale_cleaned() {
 	rm -f "$PIDFILE"
 	bare_mounted
 	chroot "$ROOT" /uexportd $(transport_opt) -w /image /file >"$W/stale.log" 2>&1 || rc=$?
-	[ "$rc" = 1 ] &&
+	[ "$rc" = 5 ] &&
 		grep -q "mount point /file: a dead FUSE mount is still there.*umount -l /file.*--clean-stale" "$W/stale.log" ||
 		{ echo "start over a dead mount: status $rc:" >&2; cat "$W/stale.log" >&2; return 1; }
 	bare_daemon --clean-stale
