@@ -1069,7 +1069,7 @@ static int pt_parse(struct pt_table *t, const struct pt_source *src, unsigned se
 	uint32_t disk_id;
 	int err;
 
-	memset(t, 0, offsetof(struct pt_table, parts));
+	t->nr = t->nr_tables = 0;
 	t->error[0] = '\0';
 	t->label = "dos";
 	t->sector = sector ? sector : 512;
