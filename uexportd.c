@@ -19,9 +19,9 @@
  * from our own fuse_kernel.h.  Sections, bottom-up (each uses only those
  * above it):
  *
- *   platform -> io_uring rings -> image backends -> FUSE protocol ->
- *   transports (/dev/fuse, io_uring) -> mount -> start-up -> lifecycle ->
- *   options and main
+ *   platform -> io_uring rings -> partition tables -> image backends ->
+ *   FUSE protocol -> transports (/dev/fuse, io_uring) -> mount ->
+ *   start-up -> lifecycle -> options and main
  *
  * State: main() creates one struct export (the image, the connection, the
  * serving threads) and passes it down; the io_uring side is its own struct
@@ -1180,8 +1180,8 @@ static const struct pt_part *pt_find(struct pt_table *t, const char *spec)
  * allocated) is its struct image_ops table.  The generic image_*() calls
  * at the end of this section apply the rules every backend shares (the
  * size, growing, clipping at EOF) and call the table for the rest; the
- * protocol layer uses only those.  A new backend, or a window over one, is
- * one new table.
+ * protocol layer uses only those.  A new backend is one new table; a
+ * window is not (ring I/O bypasses the table), see below.
  *
  * image.size is the authoritative size; only truncate and growing writes
  * change it.
@@ -5571,9 +5571,9 @@ static int open_pidfile(struct pidfile *pf, const char *path)
 /*
  * --list-partitions IMAGE: the table, for scripts.  A header line, then
  * one line per partition: number, start and size in bytes, type (MBR
- * "0xNN", GPT the type GUID), UUID (GPT PARTUUID, MBR "<disk id>-NN"),
- * and last the GPT name (may hold spaces; control characters and
- * backslashes as \xNN).  Returns the exit status: 0, or EXIT_IMAGE with
+ * "0x83", "0x5" as partx prints them; GPT the type GUID), UUID (GPT
+ * PARTUUID, MBR "<disk id>-NN"), and last the GPT name (may hold spaces;
+ * control characters and backslashes as \xNN).  Returns the exit status: 0, or EXIT_IMAGE with
  * one line saying what is wrong.
  */
 static int list_partitions(const char *path)
