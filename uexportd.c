@@ -19,9 +19,9 @@
  * from our own fuse_kernel.h.  Sections, bottom-up (each uses only those
  * above it):
  *
- *   platform -> io_uring rings -> image backends -> FUSE protocol ->
- *   transports (/dev/fuse, io_uring) -> mount -> start-up -> lifecycle ->
- *   options and main
+ *   platform -> io_uring rings -> partition tables -> image backends ->
+ *   FUSE protocol -> transports (/dev/fuse, io_uring) -> mount ->
+ *   start-up -> lifecycle -> options and main
  *
  * State: main() creates one struct export (the image, the connection, the
  * serving threads) and passes it down; the io_uring side is its own struct
@@ -842,6 +842,491 @@ static const char *ring_flags_string(unsigned f, char *buf, size_t cap)
 }
 
 /* ======================================================================
+ * Partition tables: MBR and GPT, read-only parsers
+ *
+ * Pure functions over what a reader returns (the image; a buffer in the
+ * unit tests).  A table is taken only when every check passes; anything
+ * damaged or ambiguous fails with words naming what is wrong (in
+ * pt_table.error), never with a guess:
+ *
+ *   - MBR: signature 0x55AA at byte 510, boot flags 0x00 or 0x80, four
+ *     primary entries numbered 1-4 (size 0: unused, as the kernel reads
+ *     them); one extended partition whose chain of EBRs (each signed,
+ *     inside the extended partition, no loop, at most PT_MAX_PARTS)
+ *     gives the logical partitions, numbered from 5 in chain order as the
+ *     kernel and sfdisk number them.
+ *   - GPT, when an MBR entry has type 0xEE (protective or hybrid MBR: then
+ *     nothing else of the MBR is used): the header at LBA 1 with 512-byte
+ *     sectors, else 4096 (a 4Kn disk's image; a block device's own
+ *     logical block size only), its signature, its CRC32 and that of the
+ *     entries array, the usable LBAs clear of both and inside the image,
+ *     every used entry inside the usable LBAs.  Entry i is partition
+ *     i + 1; unused entries (type GUID all zero) keep their number.  The
+ *     backup table is never used instead: a damaged primary is an error
+ *     (sgdisk -v says more; fdisk or sgdisk -e repair it).
+ *
+ * Then for both: every partition inside the image, none overlapping
+ * another (a logical partition lies inside its extended one) nor a table
+ * sector (MBR, EBR).
+ * ====================================================================== */
+
+#define PT_MAX_PARTS	256
+#define PT_NAME_MAX	(36 * 3 + 1)	/* 36 UTF-16 units as UTF-8, NUL */
+#define PT_GPT_MAX_ARRAY (1u << 20)	/* bytes of GPT entries we read */
+
+struct pt_part {
+	unsigned number;		/* as the kernel numbers it */
+	uint64_t start, size;		/* bytes */
+	bool container;			/* MBR extended partition: not data */
+	char type[40];			/* MBR "0x83", GPT the type GUID */
+	char uuid[40];			/* GPT PARTUUID, MBR "<disk id>-NN" */
+	char name[PT_NAME_MAX];		/* GPT name in UTF-8, MBR "" */
+};
+
+struct pt_table {
+	const char *label;		/* "dos" or "gpt" */
+	unsigned sector;		/* bytes per LBA */
+	unsigned nr;
+	struct pt_part parts[PT_MAX_PARTS];
+	uint64_t tables[PT_MAX_PARTS + 1];	/* MBR/EBR sectors (LBA) */
+	unsigned nr_tables;
+	char error[256];		/* what is wrong, when a call fails */
+};
+
+/* Reads 'len' bytes at byte 'off' of the image: 0 or -errno. */
+typedef int pt_read_fn(void *ctx, void *buf, size_t len, uint64_t off);
+
+struct pt_source {
+	pt_read_fn *read;
+	void *ctx;
+	uint64_t size;			/* the image's, bytes */
+};
+
+static int __attribute__((format(printf, 2, 3)))
+pt_fail(struct pt_table *t, const char *fmt, ...)
+{
+	va_list ap;
+
+	va_start(ap, fmt);
+	vsnprintf(t->error, sizeof(t->error), fmt, ap);
+	va_end(ap);
+	return -EINVAL;
+}
+
+/* CRC-32 (IEEE 802.3, reflected polynomial 0xEDB88320), as GPT uses it. */
+static uint32_t crc32_ieee(const void *data, size_t len)
+{
+	const uint8_t *p = data;
+	uint32_t crc = ~0u;
+
+	while (len--) {
+		crc ^= *p++;
+		for (int k = 0; k < 8; k++)
+			crc = (crc >> 1) ^ (0xEDB88320u & (0u - (crc & 1)));
+	}
+	return ~crc;
+}
+
+static uint32_t le16(const uint8_t *p) { return (uint32_t)p[0] | (uint32_t)p[1] << 8; }
+static uint32_t le32(const uint8_t *p) { return le16(p) | le16(p + 2) << 16; }
+static uint64_t le64(const uint8_t *p) { return le32(p) | (uint64_t)le32(p + 4) << 32; }
+
+/* A GUID as blkid and lsblk print it: the first three fields are
+ * little-endian on disk, the last two big-endian. */
+static void pt_guid_text(const uint8_t *g, char out[40])
+{
+	snprintf(out, 40, "%08x-%04x-%04x-%02x%02x-%02x%02x%02x%02x%02x%02x",
+		 le32(g), le16(g + 4), le16(g + 6), g[8], g[9], g[10], g[11], g[12], g[13],
+		 g[14], g[15]);
+}
+
+/* GPT's name: UTF-16LE, up to 'units' units or a NUL; to UTF-8, with
+ * U+FFFD for a broken surrogate. */
+static void pt_utf16_to_utf8(const uint8_t *in, unsigned units, char *out, size_t cap)
+{
+	size_t o = 0;
+
+	for (unsigned i = 0; i < units; i++) {
+		uint32_t c = le16(in + 2 * i);
+
+		if (c == 0)
+			break;
+		if (c >= 0xD800 && c < 0xDC00 && i + 1 < units &&
+		    le16(in + 2 * i + 2) >= 0xDC00 && le16(in + 2 * i + 2) < 0xE000)
+			c = 0x10000 + ((c - 0xD800) << 10) + (le16(in + 2 * ++i) - 0xDC00);
+		else if (c >= 0xD800 && c < 0xE000)
+			c = 0xFFFD;
+		if (o + 5 > cap)
+			break;
+		if (c < 0x80) {
+			out[o++] = (char)c;
+		} else if (c < 0x800) {
+			out[o++] = (char)(0xC0 | c >> 6);
+			out[o++] = (char)(0x80 | (c & 0x3F));
+		} else if (c < 0x10000) {
+			out[o++] = (char)(0xE0 | c >> 12);
+			out[o++] = (char)(0x80 | (c >> 6 & 0x3F));
+			out[o++] = (char)(0x80 | (c & 0x3F));
+		} else {
+			out[o++] = (char)(0xF0 | c >> 18);
+			out[o++] = (char)(0x80 | (c >> 12 & 0x3F));
+			out[o++] = (char)(0x80 | (c >> 6 & 0x3F));
+			out[o++] = (char)(0x80 | (c & 0x3F));
+		}
+	}
+	out[o] = '\0';
+}
+
+/* Read LBA range [lba, lba + n) of 'sector'-byte sectors into buf;
+ * -EINVAL (with the words) when it lies past the image's end. */
+static int pt_read(struct pt_table *t, const struct pt_source *src, void *buf,
+		   uint64_t lba, uint64_t n, unsigned sector, const char *what)
+{
+	int err;
+
+	if (lba > src->size / sector || n > src->size / sector - lba)
+		return pt_fail(t, "%s at LBA %llu is past the image's end (%llu bytes): "
+			       "truncated image?", what, (unsigned long long)lba,
+			       (unsigned long long)src->size);
+	err = src->read(src->ctx, buf, (size_t)(n * sector), lba * sector);
+	if (err)
+		return pt_fail(t, "read %s at LBA %llu: %s", what, (unsigned long long)lba,
+			       strerror(-err));
+	return 0;
+}
+
+static struct pt_part *pt_add(struct pt_table *t, unsigned number, uint64_t lba, uint64_t n)
+{
+	struct pt_part *p;
+
+	if (t->nr == PT_MAX_PARTS) {
+		pt_fail(t, "more than %d partitions", PT_MAX_PARTS);
+		return NULL;
+	}
+	p = &t->parts[t->nr++];
+	memset(p, 0, sizeof(*p));
+	p->number = number;
+	p->start = lba * t->sector;
+	p->size = n * t->sector;
+	return p;
+}
+
+static bool mbr_is_extended(uint8_t type)
+{
+	return type == 0x05 || type == 0x0F || type == 0x85;
+}
+
+static void mbr_describe(struct pt_part *p, uint8_t type, uint32_t disk_id)
+{
+	snprintf(p->type, sizeof(p->type), "0x%x", type);
+	snprintf(p->uuid, sizeof(p->uuid), "%08x-%02x", disk_id, p->number);
+	p->container = mbr_is_extended(type);
+}
+
+/* The logical partitions in the extended partition [ext, ext + ext_n). */
+static int mbr_parse_logical(struct pt_table *t, const struct pt_source *src, uint8_t *sec,
+			     uint64_t ext, uint64_t ext_n, uint32_t disk_id)
+{
+	uint64_t ebr = ext;
+	unsigned number = 5;
+
+	for (;;) {
+		const uint8_t *data = NULL, *link = NULL;
+		int err;
+
+		for (unsigned k = 0; k < t->nr_tables; k++)
+			if (t->tables[k] == ebr)
+				return pt_fail(t, "the chain of EBRs loops back to LBA %llu",
+					       (unsigned long long)ebr);
+		if (t->nr_tables > PT_MAX_PARTS)
+			return pt_fail(t, "more than %d EBRs", PT_MAX_PARTS);
+		if ((err = pt_read(t, src, sec, ebr, 1, t->sector, "EBR")) < 0)
+			return err;
+		t->tables[t->nr_tables++] = ebr;
+		if (sec[510] != 0x55 || sec[511] != 0xAA)
+			return pt_fail(t, "EBR at LBA %llu: no signature 0x55AA",
+				       (unsigned long long)ebr);
+		for (unsigned i = 0; i < 4; i++) {
+			const uint8_t *e = sec + 446 + 16 * i;
+
+			if (le32(e + 12) == 0)
+				continue;
+			if (mbr_is_extended(e[4]) ? link != NULL : data != NULL)
+				return pt_fail(t, "EBR at LBA %llu: more than one %s entry",
+					       (unsigned long long)ebr,
+					       mbr_is_extended(e[4]) ? "link" : "partition");
+			*(mbr_is_extended(e[4]) ? &link : &data) = e;
+		}
+		if (data) {
+			uint64_t start = ebr + le32(data + 8), n = le32(data + 12);
+			struct pt_part *p;
+
+			if (start == ebr || start + n > ext + ext_n)
+				return pt_fail(t, "logical partition %u (LBA %llu+%llu) is not "
+					       "inside the extended partition (LBA %llu+%llu) after "
+					       "its EBR", number, (unsigned long long)start,
+					       (unsigned long long)n, (unsigned long long)ext,
+					       (unsigned long long)ext_n);
+			if (!(p = pt_add(t, number++, start, n)))
+				return -EINVAL;
+			mbr_describe(p, data[4], disk_id);
+		}
+		if (!link)
+			return 0;
+		ebr = ext + le32(link + 8);
+		if (ebr >= ext + ext_n)
+			return pt_fail(t, "EBR at LBA %llu links to LBA %llu, outside the "
+				       "extended partition", (unsigned long long)t->tables[t->nr_tables - 1],
+				       (unsigned long long)ebr);
+	}
+}
+
+/* GPT behind a protective MBR.  'sector' 0: try 512, then 4096. */
+static int gpt_parse(struct pt_table *t, const struct pt_source *src, unsigned sector)
+{
+	static const unsigned sizes[] = { 512, 4096 };
+	uint8_t hdr[4096], *arr;
+	uint64_t first, last, elba, nsec, alen;
+	uint32_t hsize, n, esize, crc;
+	int err;
+
+	t->label = "gpt";
+	t->sector = 0;
+	for (unsigned i = 0; i < 2 && !t->sector; i++) {
+		unsigned s = sector ? sector : sizes[i];
+
+		if (s > sizeof(hdr) || (uint64_t)2 * s > src->size)
+			break;
+		if ((err = src->read(src->ctx, hdr, s, s)) < 0)
+			return pt_fail(t, "read the GPT header: %s", strerror(-err));
+		if (memcmp(hdr, "EFI PART", 8) == 0)
+			t->sector = s;
+		if (sector)
+			break;
+	}
+	if (!t->sector)
+		return pt_fail(t, "protective MBR (type 0xee) but no GPT header (\"EFI PART\") "
+			       "at LBA 1 of %s-byte sectors", sector ? "its" : "512- or 4096");
+	sector = t->sector;
+	nsec = src->size / sector;
+	hsize = le32(hdr + 12);
+	if (hsize < 92 || hsize > sector)
+		return pt_fail(t, "GPT header: size %u is not within 92-%u", hsize, sector);
+	crc = le32(hdr + 16);
+	memset(hdr + 16, 0, 4);
+	if (crc32_ieee(hdr, hsize) != crc)
+		return pt_fail(t, "GPT header: bad CRC32 (damaged; the backup table is not "
+			       "used without a repair, e.g. sgdisk -v)");
+	first = le64(hdr + 40);
+	last = le64(hdr + 48);
+	elba = le64(hdr + 72);
+	n = le32(hdr + 80);
+	esize = le32(hdr + 84);
+	if (le64(hdr + 24) != 1)
+		return pt_fail(t, "GPT header: it says it is at LBA %llu, not 1",
+			       (unsigned long long)le64(hdr + 24));
+	if (esize < 128 || esize > 4096 || (esize & (esize - 1)))
+		return pt_fail(t, "GPT header: entry size %u is not a power of 2 in 128-4096",
+			       esize);
+	if (n == 0 || (uint64_t)n * esize > PT_GPT_MAX_ARRAY)
+		return pt_fail(t, "GPT header: %u entries of %u bytes (0 or over %u bytes)",
+			       n, esize, PT_GPT_MAX_ARRAY);
+	alen = ((uint64_t)n * esize + sector - 1) / sector;
+	if (first < 2 || first > last || last >= nsec)
+		return pt_fail(t, "GPT header: usable LBAs %llu-%llu are not inside LBA 2-%llu "
+			       "of the image (%llu bytes): truncated image?",
+			       (unsigned long long)first, (unsigned long long)last,
+			       (unsigned long long)(nsec ? nsec - 1 : 0),
+			       (unsigned long long)src->size);
+	if (elba < 2 || (elba <= last && elba + alen > first))
+		return pt_fail(t, "GPT header: entries at LBA %llu+%llu overlap the header or "
+			       "the usable LBAs %llu-%llu", (unsigned long long)elba,
+			       (unsigned long long)alen, (unsigned long long)first,
+			       (unsigned long long)last);
+	arr = malloc(alen * sector);
+	if (!arr)
+		return pt_fail(t, "GPT entries: %s", strerror(ENOMEM));
+	err = pt_read(t, src, arr, elba, alen, sector, "GPT entries");
+	if (!err && crc32_ieee(arr, (size_t)n * esize) != le32(hdr + 88))
+		err = pt_fail(t, "GPT entries: bad CRC32 (damaged; the backup table is not "
+			      "used without a repair, e.g. sgdisk -v)");
+	for (uint32_t i = 0; i < n && !err; i++) {
+		const uint8_t *e = arr + (size_t)i * esize;
+		static const uint8_t unused[16];
+		uint64_t a = le64(e + 32), b = le64(e + 40);
+		struct pt_part *p;
+
+		if (memcmp(e, unused, 16) == 0)
+			continue;
+		if (a > b || a < first || b > last) {
+			err = pt_fail(t, "partition %u: LBA %llu-%llu is not inside the usable "
+				      "LBAs %llu-%llu", i + 1, (unsigned long long)a,
+				      (unsigned long long)b, (unsigned long long)first,
+				      (unsigned long long)last);
+			break;
+		}
+		if (!(p = pt_add(t, i + 1, a, b - a + 1))) {
+			err = -EINVAL;
+			break;
+		}
+		pt_guid_text(e, p->type);
+		pt_guid_text(e + 16, p->uuid);
+		pt_utf16_to_utf8(e + 56, (esize - 56) / 2 < 36 ? (esize - 56) / 2 : 36,
+				 p->name, sizeof(p->name));
+	}
+	free(arr);
+	return err;
+}
+
+/* Every partition inside the image, none over a table sector or over
+ * another (but a logical one inside its extended partition). */
+static int pt_check(struct pt_table *t, uint64_t size)
+{
+	for (unsigned i = 0; i < t->nr; i++) {
+		const struct pt_part *p = &t->parts[i];
+
+		if (p->start > size || p->size > size - p->start)
+			return pt_fail(t, "partition %u (bytes %llu+%llu) ends past the image's "
+				       "end (%llu bytes): truncated image?", p->number,
+				       (unsigned long long)p->start, (unsigned long long)p->size,
+				       (unsigned long long)size);
+		for (unsigned k = 0; k < t->nr_tables && !p->container; k++) {
+			uint64_t at = t->tables[k] * t->sector;
+
+			if (at >= p->start && at - p->start < p->size)
+				return pt_fail(t, "partition %u covers the partition table at "
+					       "LBA %llu", p->number,
+					       (unsigned long long)t->tables[k]);
+		}
+		for (unsigned j = 0; j < i; j++) {
+			const struct pt_part *q = &t->parts[j];
+
+			if ((p->container && q->number >= 5) || (q->container && p->number >= 5))
+				continue;	/* a logical inside its extended */
+			if (p->start < q->start + q->size && q->start < p->start + p->size)
+				return pt_fail(t, "partitions %u and %u overlap", q->number,
+					       p->number);
+		}
+	}
+	return 0;
+}
+
+/*
+ * Read the partition table of an image of src->size bytes: 'sector' is a
+ * block device's logical block size, 0 for a file (MBR in 512-byte
+ * sectors, GPT's found at 512 or 4096).  Returns 0 with *t filled, or
+ * -EINVAL with t->error saying what is wrong, or missing.
+ */
+static int pt_parse(struct pt_table *t, const struct pt_source *src, unsigned sector)
+{
+	uint8_t sec[4096];
+	const uint8_t *ext = NULL;
+	uint32_t disk_id;
+	int err;
+
+	t->nr = t->nr_tables = 0;
+	t->error[0] = '\0';
+	t->label = "dos";
+	t->sector = sector ? sector : 512;
+	if (t->sector < 512 || t->sector > sizeof(sec))
+		return pt_fail(t, "unsupported sector size %u", t->sector);
+	if (src->size < t->sector)
+		return pt_fail(t, "no partition table: the image (%llu bytes) is smaller than "
+			       "one sector", (unsigned long long)src->size);
+	if ((err = pt_read(t, src, sec, 0, 1, t->sector, "MBR")) < 0)
+		return err;
+	if (sec[510] != 0x55 || sec[511] != 0xAA)
+		return pt_fail(t, "no partition table (no MBR signature 0x55AA at byte 510)");
+	for (unsigned i = 0; i < 4; i++)
+		if (sec[446 + 16 * i + 4] == 0xEE)
+			return (err = gpt_parse(t, src, sector)) < 0 ? err : pt_check(t, src->size);
+	t->tables[t->nr_tables++] = 0;
+	disk_id = le32(sec + 440);
+	for (unsigned i = 0; i < 4; i++) {
+		const uint8_t *e = sec + 446 + 16 * i;
+		struct pt_part *p;
+
+		if (e[0] != 0x00 && e[0] != 0x80)
+			return pt_fail(t, "no partition table: MBR entry %u has boot flag 0x%02x "
+				       "(a file system's boot sector?)", i + 1, e[0]);
+		if (le32(e + 12) == 0)
+			continue;
+		if (mbr_is_extended(e[4]) && ext)
+			return pt_fail(t, "two extended partitions (%u and %u)",
+				       (unsigned)((ext - sec - 446) / 16 + 1), i + 1);
+		if (mbr_is_extended(e[4]))
+			ext = e;
+		p = pt_add(t, i + 1, le32(e + 8), le32(e + 12));
+		mbr_describe(p, e[4], disk_id);
+	}
+	if (ext && (err = mbr_parse_logical(t, src, sec, le32(ext + 8), le32(ext + 12),
+					    disk_id)) < 0)
+		return err;
+	return pt_check(t, src->size);
+}
+
+/* A case-insensitive match of ASCII letters (UUIDs). */
+static bool pt_same_uuid(const char *a, const char *b)
+{
+	return strcasecmp(a, b) == 0;
+}
+
+/*
+ * The partition 'spec' names: "N", "name:LABEL" (GPT), "uuid:UUID" (GPT
+ * PARTUUID, or MBR's "<disk id>-NN"; any case).  NULL with t->error saying
+ * why: none, two of that name or UUID, the extended partition.
+ */
+static const struct pt_part *pt_find(struct pt_table *t, const char *spec)
+{
+	bool by_name = strncmp(spec, "name:", 5) == 0, by_uuid = strncmp(spec, "uuid:", 5) == 0;
+	const struct pt_part *found = NULL;
+	const char *key = spec + 5;
+	char numbers[128] = "";
+	size_t len = 0;
+	unsigned long number = 0;
+	char *end;
+
+	if (!by_name && !by_uuid) {
+		errno = 0;
+		number = strtoul(spec, &end, 10);
+		if (!isdigit((unsigned char)*spec) || *end || errno || number == 0 ||
+		    number > UINT_MAX) {
+			pt_fail(t, "'%s' is not a partition number, name:LABEL or uuid:UUID", spec);
+			return NULL;
+		}
+	}
+	if (by_name && strcmp(t->label, "gpt") != 0) {
+		pt_fail(t, "an MBR names no partitions (by number or uuid: instead)");
+		return NULL;
+	}
+	for (unsigned i = 0; i < t->nr; i++) {
+		const struct pt_part *p = &t->parts[i];
+		bool match = by_name ? strcmp(p->name, key) == 0 :
+			     by_uuid ? pt_same_uuid(p->uuid, key) : p->number == number;
+
+		if (len < sizeof(numbers))
+			len += (size_t)snprintf(numbers + len, sizeof(numbers) - len, "%s%u",
+						len ? ", " : "", p->number);
+		if (!match)
+			continue;
+		if (found) {
+			pt_fail(t, "partitions %u and %u both have %s '%s'", found->number,
+				p->number, by_name ? "the name" : "the UUID", key);
+			return NULL;
+		}
+		found = p;
+	}
+	if (!found)
+		pt_fail(t, "no partition %s%s (%s table: %s)", by_name ? "named " :
+			by_uuid ? "with UUID " : "", by_name || by_uuid ? key : spec,
+			t->label, t->nr ? numbers : "empty");
+	else if (found->container)
+		pt_fail(t, "partition %u is the extended partition, a container of the "
+			"logical ones (5 and up)", found->number);
+	return found && !found->container ? found : NULL;
+}
+
+/* ======================================================================
  * Image backends
  *
  * The exported image is one struct image; what differs between a regular
@@ -850,11 +1335,20 @@ static const char *ring_flags_string(unsigned f, char *buf, size_t cap)
  * allocated) is its struct image_ops table.  The generic image_*() calls
  * at the end of this section apply the rules every backend shares (the
  * size, growing, clipping at EOF) and call the table for the rest; the
- * protocol layer uses only those.  A new backend, or a window over one, is
- * one new table.
+ * protocol layer uses only those.  A new backend is one new table; a
+ * window is not (ring I/O bypasses the table), see below.
  *
  * image.size is the authoritative size; only truncate and growing writes
  * change it.
+ *
+ * A window (--offset/--size, --partition) exports bytes [base, base + size)
+ * of the image as a fixed-size file.  Offsets stay the export's own
+ * everywhere above the backends; each place that hands an offset to the
+ * kernel -- fd_rw, fd_rw_nowait, the ring's READ/WRITE SQE
+ * (ring_queue_image_io), fd_zero (fallocate and zero writes),
+ * file_fallocate, file_seek -- adds base with image_pos(), and judges
+ * O_DIRECT alignment there too (image_io_route).  Size rules keep every
+ * request inside [0, size), so no path reaches a byte outside the window.
  * ====================================================================== */
 
 /* Descriptors of an image, by role; ring transports register them in this
@@ -963,6 +1457,8 @@ struct image {
 	uint32_t align;			/* O_DIRECT alignment of offset, length, buffer */
 	uint32_t zero_unit;		/* smallest unit fallocate zeroes: a device's
 					 * logical block, 1 for a file */
+	bool window;			/* only [base, base + size) is exported */
+	uint64_t base;			/* the window's first byte; 0 without one */
 	/* ---- */
 	_Atomic uint64_t size;		/* authoritative file size */
 	_Atomic uint32_t mode;		/* permission bits of the exported file */
@@ -991,10 +1487,17 @@ static void ts_to_attr(const struct timespec *ts, uint64_t *sec, uint32_t *nsec)
 
 /* ---- Shared by the file and block-device backends ---- */
 
+/* The position in the image of the export's byte 'off': every offset
+ * handed to the kernel goes through here (see the section's comment). */
+static uint64_t image_pos(const struct image *img, uint64_t off)
+{
+	return img->base + off;
+}
+
 static ssize_t fd_rw(struct image *img, struct image_io *io)
 {
-	return rw_full(io->write, img->fds[io->fd_role], io->buf, io->len, io->off,
-		       io->rw_flags);
+	return rw_full(io->write, img->fds[io->fd_role], io->buf, io->len,
+		       image_pos(img, io->off), io->rw_flags);
 }
 
 /* O_DIRECT I/O: the device moves the data, no CPU copy to place. */
@@ -1023,7 +1526,7 @@ static ssize_t fd_rw_nowait(struct image *img, struct image_io *io)
 	if (!atomic_load_explicit(ok, memory_order_relaxed) || image_io_direct(img, io) ||
 	    io->rw_flags)
 		return -EAGAIN;
-	n = sys_rw2(io->write, img->fds[io->fd_role], &iov, io->off, RWF_NOWAIT);
+	n = sys_rw2(io->write, img->fds[io->fd_role], &iov, image_pos(img, io->off), RWF_NOWAIT);
 	if (n == -EOPNOTSUPP)	/* this file system cannot: stop trying */
 		atomic_store_explicit(ok, false, memory_order_relaxed);
 	if (n < 0)
@@ -1034,57 +1537,59 @@ static ssize_t fd_rw_nowait(struct image *img, struct image_io *io)
 	return -EAGAIN;
 }
 
-/* Write zeros over [off, off + len) with plain buffered writes: for what
- * fallocate cannot do. */
-static int fd_write_zeroes(struct image *img, uint64_t off, uint64_t len)
+/* Write zeros over image positions [pos, pos + len) with plain buffered
+ * writes: for what fallocate cannot do. */
+static int fd_write_zeroes(struct image *img, uint64_t pos, uint64_t len)
 {
 	static const char zeros[64 << 10];
 
 	while (len > 0) {
 		size_t n = len < sizeof(zeros) ? (size_t)len : sizeof(zeros);
-		ssize_t r = rw_full(true, img->fds[IMAGE_FD_BUFFERED], (void *)zeros, n, off, 0);
+		ssize_t r = rw_full(true, img->fds[IMAGE_FD_BUFFERED], (void *)zeros, n, pos, 0);
 
 		if (r < 0)
 			return (int)r;
 		if ((size_t)r < n)
 			return -EIO;
-		off += n;
+		pos += n;
 		len -= n;
 	}
 	return 0;
 }
 
-/* Zero whole zero_units in place, cheapest first: PUNCH_HOLE deallocates (a
- * hole in a file; on a device a write-zeroes with unmap, refused unless the
- * device does it efficiently, block/fops.c), ZERO_RANGE writes zeroes the
- * device's way, and plain writes cover file systems with neither. */
-static int fd_zero_units(struct image *img, uint64_t off, uint64_t len)
+/* Zero whole zero_units at image positions [pos, pos + len), cheapest
+ * first: PUNCH_HOLE deallocates (a hole in a file; on a device a
+ * write-zeroes with unmap, refused unless the device does it efficiently,
+ * block/fops.c), ZERO_RANGE writes zeroes the device's way, and plain
+ * writes cover file systems with neither. */
+static int fd_zero_units(struct image *img, uint64_t pos, uint64_t len)
 {
 	static const int modes[] = { FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE };
 
 	for (unsigned i = 0; i < 2; i++) {
 		if (fallocate(img->fds[IMAGE_FD_MAIN], modes[i] | FALLOC_FL_KEEP_SIZE,
-			      (off_t)off, (off_t)len) == 0)
+			      (off_t)pos, (off_t)len) == 0)
 			return 0;
 		if (errno != EOPNOTSUPP)
 			return -errno;
 	}
-	return fd_write_zeroes(img, off, len);
+	return fd_write_zeroes(img, pos, len);
 }
 
 /* image_ops.zero: fallocate takes whole zero_units only; the partial units
- * at either end are written. */
+ * at either end are written.  Units are the device's, so they are counted
+ * from the image's start, not the window's. */
 static int fd_zero(struct image *img, uint64_t off, uint64_t len)
 {
-	uint64_t unit = img->zero_unit, end = off + len;
-	uint64_t first = (off + unit - 1) / unit * unit, last = end / unit * unit;
+	uint64_t unit = img->zero_unit, pos = image_pos(img, off), end = pos + len;
+	uint64_t first = (pos + unit - 1) / unit * unit, last = end / unit * unit;
 	int err;
 
 	if (len == 0)
 		return 0;
 	if (first >= last)
-		return fd_write_zeroes(img, off, len);
-	err = fd_write_zeroes(img, off, first - off);
+		return fd_write_zeroes(img, pos, len);
+	err = fd_write_zeroes(img, pos, first - pos);
 	if (!err)
 		err = fd_write_zeroes(img, last, end - last);
 	return err ? err : fd_zero_units(img, first, last - first);
@@ -1134,6 +1639,42 @@ static int mem_statfs(struct image *img, struct fuse_kstatfs *st)
 
 /* ---- Regular file ---- */
 
+/*
+ * st_blocks of a window over a regular file: its bytes that SEEK_DATA
+ * finds (written data; a hole or a preallocated, unwritten extent is not),
+ * in 512-byte units, over at most WINDOW_EXTENTS data extents; the rest of
+ * a window with more counts as data, and so does everything when the file
+ * system cannot say.  Never below the truth, so neither du nor cp --sparse
+ * is misled, and a GETATTR costs at most 2 x WINDOW_EXTENTS lseeks.
+ */
+#define WINDOW_EXTENTS	64
+
+static uint64_t file_window_blocks(struct image *img)
+{
+	int fd = img->fds[IMAGE_FD_MAIN];
+	uint64_t pos = img->base, end = img->base + img->size, bytes = 0;
+
+	for (unsigned n = 0; pos < end; n++) {
+		off_t data = n < WINDOW_EXTENTS ? lseek(fd, (off_t)pos, SEEK_DATA) : -1;
+		off_t hole;
+
+		if (data < 0 && n < WINDOW_EXTENTS && errno == ENXIO)
+			break;		/* no data after pos */
+		if (data < 0) {
+			bytes += end - pos;
+			break;
+		}
+		if ((uint64_t)data >= end)
+			break;
+		hole = lseek(fd, data, SEEK_HOLE);
+		if (hole < 0 || (uint64_t)hole > end)
+			hole = (off_t)end;
+		bytes += (uint64_t)(hole - data);
+		pos = (uint64_t)hole;
+	}
+	return (bytes + 511) / 512;
+}
+
 /* st_blocks and times are the file's own: cp --sparse and du see holes. */
 static int file_getattr(struct image *img, struct fuse_attr *a)
 {
@@ -1143,7 +1684,7 @@ static int file_getattr(struct image *img, struct fuse_attr *a)
 		return -errno;
 	if (img->passthrough)	/* the kernel may have grown it */
 		img->size = a->size = (uint64_t)st.st_size;
-	a->blocks = (uint64_t)st.st_blocks;
+	a->blocks = img->window ? file_window_blocks(img) : (uint64_t)st.st_blocks;
 	ts_to_attr(&st.st_atim, &a->atime, &a->atimensec);
 	ts_to_attr(&st.st_mtim, &a->mtime, &a->mtimensec);
 	ts_to_attr(&st.st_ctim, &a->ctime, &a->ctimensec);
@@ -1162,16 +1703,19 @@ static int file_resize(struct image *img, uint64_t size)
 
 static int file_fallocate(struct image *img, int mode, uint64_t off, uint64_t len)
 {
-	return fallocate(img->fds[IMAGE_FD_MAIN], mode, (off_t)off, (off_t)len) < 0 ? -errno : 0;
+	return fallocate(img->fds[IMAGE_FD_MAIN], mode, (off_t)image_pos(img, off),
+			 (off_t)len) < 0 ? -errno : 0;
 }
 
+/* In a window the answer is made relative to it; one past its end is
+ * clipped by image_seek. */
 static int64_t file_seek(struct image *img, uint64_t off, int whence, uint64_t size)
 {
-	off_t pos = lseek(img->fds[IMAGE_FD_MAIN], (off_t)off, whence);
+	off_t pos = lseek(img->fds[IMAGE_FD_MAIN], (off_t)image_pos(img, off), whence);
 
 	if (pos < 0 && errno == ENXIO && whence == SEEK_HOLE)
 		return (int64_t)size;
-	return pos < 0 ? -errno : pos;
+	return pos < 0 ? -errno : pos - (off_t)img->base;
 }
 
 static int file_statfs(struct image *img, struct fuse_kstatfs *st)
@@ -1396,7 +1940,7 @@ static void image_io_route(const struct image *img, struct image_io *io)
 {
 	uint64_t mask = img->align - 1;
 
-	io->fd_role = ((io->off | io->len | (uintptr_t)io->buf) & mask) == 0 ?
+	io->fd_role = ((image_pos(img, io->off) | io->len | (uintptr_t)io->buf) & mask) == 0 ?
 		      IMAGE_FD_MAIN : IMAGE_FD_BUFFERED;
 }
 
@@ -1932,7 +2476,8 @@ static void fuse_io_complete(struct image *img, struct fuse_reply *rep, ssize_t 
 
 	if (res < 0) {
 		image_log_failure(img, "%s of %u bytes at %llu: %s", io->write ? "write" : "read",
-				  io->len, (unsigned long long)io->off, strerror((int)-res));
+				  io->len, (unsigned long long)image_pos(img, io->off),
+				  strerror((int)-res));
 		/* A synchronous write flushes: its EIO is a write-back error,
 		 * which the other open files must hear of too. */
 		if (io->write && io->rw_flags && res == -EIO)
@@ -2750,7 +3295,7 @@ static void ring_queue_image_io(struct ring_queue *q, unsigned i)
 	sqe->fd = FIXED_IMAGE(io->fd_role);
 	sqe->addr = (uintptr_t)io->buf + io->done;
 	sqe->len = io->len - io->done;
-	sqe->off = io->off + io->done;
+	sqe->off = image_pos(&q->pool->exp->img, io->off + io->done);
 	sqe->user_data = UD_IMAGE_IO | i;
 }
 
@@ -3837,7 +4382,96 @@ struct options {
 	const char *pidfile;
 	int notify_fd;				/* --notify-fd, -1: none */
 	unsigned long mount_flags;		/* -o noexec, sync: MS_* */
+	/* A window: --offset/--size (set: given), or --partition. */
+	uint64_t offset, size;
+	bool offset_set, size_set;
+	const char *partition;			/* N, name:LABEL, uuid:UUID */
+	bool list_partitions;			/* --list-partitions IMAGE */
+	char window_desc[96];			/* " [partition 2: START+SIZE]" */
 };
+
+static bool options_window(const struct options *o)
+{
+	return o->offset_set || o->size_set || o->partition;
+}
+
+/* pt_read_fn over the image's buffered descriptor (absolute offsets). */
+static int image_pt_read(void *ctx, void *buf, size_t len, uint64_t off)
+{
+	struct image *img = ctx;
+	ssize_t n = rw_full(false, img->fds[IMAGE_FD_BUFFERED], buf, len, off, 0);
+
+	return n < 0 ? (int)n : (size_t)n < len ? -EIO : 0;
+}
+
+/* The partition table of an open image (not null:, not yet windowed).
+ * Returns 0 or -EINVAL with t->error. */
+static int image_partitions(struct image *img, struct pt_table *t)
+{
+	struct pt_source src = { image_pt_read, img, img->size };
+
+	if (!img->nr_fds) {
+		pt_fail(t, "null: has no partition table");
+		return -EINVAL;
+	}
+	/* A block device's LBAs are its logical blocks; a file's are 512
+	 * bytes for an MBR, and a GPT says by where its header is. */
+	return pt_parse(t, &src, img->ops->fixed_size ? img->zero_unit : 0);
+}
+
+/*
+ * Narrow the open image to the window the options name: --partition, or
+ * --offset/--size (size defaults to the rest of the image).  The window
+ * must lie inside the image and not be empty.  Logs its failure; returns
+ * 0 or -EINVAL.
+ */
+static int open_window(struct image *img, struct options *o)
+{
+	uint64_t whole = img->size, off = o->offset, len;
+	struct pt_table *t;
+	const struct pt_part *p;
+
+	if (o->partition) {
+		if (!(t = malloc(sizeof(*t)))) {
+			log_err("%s: %s", o->image, strerror(ENOMEM));
+			return -ENOMEM;
+		}
+		p = image_partitions(img, t) < 0 ? NULL : pt_find(t, o->partition);
+		if (!p) {
+			log_err("%s: --partition=%s: %s", o->image, o->partition, t->error);
+			free(t);
+			return -EINVAL;
+		}
+		off = p->start;
+		len = p->size;
+		snprintf(o->window_desc, sizeof(o->window_desc), " [partition %u: %llu+%llu]",
+			 p->number, (unsigned long long)off, (unsigned long long)len);
+		free(t);
+	} else {
+		if (off > whole) {
+			log_err("%s: --offset=%llu is past the image's end (%llu bytes)", o->image,
+				(unsigned long long)off, (unsigned long long)whole);
+			return -EINVAL;
+		}
+		len = o->size_set ? o->size : whole - off;
+		if (len > whole - off) {
+			log_err("%s: the window %llu+%llu ends past the image's end (%llu bytes)",
+				o->image, (unsigned long long)off, (unsigned long long)len,
+				(unsigned long long)whole);
+			return -EINVAL;
+		}
+		snprintf(o->window_desc, sizeof(o->window_desc), " [%llu+%llu]",
+			 (unsigned long long)off, (unsigned long long)len);
+	}
+	if (len == 0) {
+		log_err("%s: the window%s is empty: nothing to export", o->image, o->window_desc);
+		return -EINVAL;
+	}
+	img->window = true;
+	img->base = off;
+	img->size = len;
+	return 0;
+}
 
 /* Open the image into exp->img with the options' settings; the boundary
  * for its errors (logged here, once).  Returns 0 or -errno. */
@@ -3867,6 +4501,8 @@ static int open_image(struct export *exp, struct options *o)
 	else if (o->growable && img->ops->fixed_size)
 		err = -EINVAL, log_err("--growable: %s is a %s, whose size is fixed",
 				       o->image, img->ops->kind);
+	else if (options_window(o))
+		err = open_window(img, o);
 	else if (img->size == 0 && !o->growable)
 		err = -EINVAL, log_err("%s: empty, and not --growable: nothing to export",
 				       o->image);
@@ -4339,8 +4975,9 @@ static void log_startup(const struct export *exp, const struct options *o, const
 	char how[256], flags[128];
 
 	export_transport_desc(exp, reason, how, sizeof(how));
-	snprintf(line, cap, "%s (%llu bytes, %s%s%s) on %s: %s",
-		 o->image, (unsigned long long)img->size, img->writable ? "rw" : "ro",
+	snprintf(line, cap, "%s%s (%llu bytes, %s%s%s) on %s: %s",
+		 o->image, o->window_desc, (unsigned long long)img->size,
+		 img->writable ? "rw" : "ro",
 		 img->growable ? ",growable" : "", img->passthrough ? ",passthrough" : "",
 		 o->mountpoint, how);
 	if (o->foreground || log_verbose)
@@ -4968,12 +5605,15 @@ static void usage(FILE *f)
 {
 	fprintf(f,
 "Usage: uexportd [OPTIONS] IMAGE MOUNTPOINT [-o OPT[,OPT...]]\n"
-"Export IMAGE (a regular file, a block device, or null:SIZE, e.g. null:1G) as\n"
-"the existing regular file MOUNTPOINT through FUSE, until SIGTERM or umount.\n"
-"Exit status, semantics and examples: see uexportd(8).\n"
+"Export IMAGE (a regular file, a block device, or null:SIZE, e.g. null:1G) or\n"
+"a part of it as the existing regular file MOUNTPOINT through FUSE, until\n"
+"SIGTERM or umount.  Exit status, semantics and examples: see uexportd(8).\n"
 "\n"
 "  -w, --writable          allow writes (default: read-only)\n"
 "  -g, --growable          writes past EOF and truncate grow the image (with -w)\n"
+"      --offset=SIZE, --size=SIZE  export only those bytes of IMAGE (a window)\n"
+"      --partition=N|name:LABEL|uuid:UUID  only that MBR or GPT partition\n"
+"      --list-partitions   print IMAGE's partition table, export nothing\n"
 "      --allow-other=MODE  auto|on|off: other users may access it (default auto)\n"
 "      --io-uring=MODE     auto|on|off: FUSE-over-io_uring (default auto)\n"
 "  -q, --queue-depth=N     requests in flight per queue, 1-%d (default %d)\n"
@@ -4986,10 +5626,8 @@ static void usage(FILE *f)
 "      --notify-fd=N       write a newline to descriptor N once live, close it\n"
 "  -v, --verbose           log start-up details to stderr\n"
 "  -d, --debug             log one line per request (implies -f -v)\n"
-"  -o OPT[,OPT...]         as mount(8) passes them: rw, ro, allow_other, and\n"
-"                          the long options by name (writable, queue-depth=N)\n"
-"  -h, --help              show this help\n"
-"  -V, --version           show the version, FUSE protocol and transports\n",
+"  -o OPT[,OPT...]         as mount(8) passes them: rw, ro, long options by name\n"
+"  -h, --help, -V, --version  this help; the version, protocol and transports\n",
 		MAX_QUEUE_DEPTH, DEFAULT_QUEUE_DEPTH);
 }
 
@@ -5015,11 +5653,16 @@ static int parse_tristate(const char *name, const char *v, int *out, const char 
 }
 
 enum { OPT_ALLOW_OTHER = 256, OPT_IO_URING, OPT_DIRECT, OPT_MAX_MEMORY, OPT_PASSTHROUGH,
-       OPT_CLEAN_STALE, OPT_NOTIFY_FD };
+       OPT_CLEAN_STALE, OPT_NOTIFY_FD, OPT_OFFSET, OPT_SIZE, OPT_PARTITION,
+       OPT_LIST_PARTITIONS };
 
 static const struct option longopts[] = {
 	{ "writable", no_argument, NULL, 'w' },
 	{ "growable", no_argument, NULL, 'g' },
+	{ "offset", required_argument, NULL, OPT_OFFSET },
+	{ "size", required_argument, NULL, OPT_SIZE },
+	{ "partition", required_argument, NULL, OPT_PARTITION },
+	{ "list-partitions", no_argument, NULL, OPT_LIST_PARTITIONS },
 	{ "allow-other", required_argument, NULL, OPT_ALLOW_OTHER },
 	{ "io-uring", required_argument, NULL, OPT_IO_URING },
 	{ "queue-depth", required_argument, NULL, 'q' },
@@ -5093,6 +5736,18 @@ static int option_apply(struct options *o, int c, const char *arg)
 	case OPT_PASSTHROUGH: o->passthrough = true; break;
 	case OPT_CLEAN_STALE: o->clean_stale = true; break;
 	case OPT_NOTIFY_FD: return parse_notify_fd(arg, o);
+	case OPT_PARTITION: o->partition = arg; break;
+	case OPT_LIST_PARTITIONS: o->list_partitions = true; break;
+	case OPT_OFFSET:
+	case OPT_SIZE:
+		/* Full range: parse_size refuses more than INT64_MAX. */
+		if (parse_size(arg, c == OPT_OFFSET ? &o->offset : &o->size) < 0) {
+			log_err("invalid --%s '%s' (expected bytes, or K, M, G, T)",
+				c == OPT_OFFSET ? "offset" : "size", arg);
+			return -EINVAL;
+		}
+		*(c == OPT_OFFSET ? &o->offset_set : &o->size_set) = true;
+		break;
 	case OPT_MAX_MEMORY:
 		if (parse_size(arg, &o->max_memory) < 0 || o->max_memory < (1u << 20)) {
 			log_err("invalid --max-memory '%s' (expected a size of at least 1M, "
@@ -5198,7 +5853,8 @@ static int mount_option_apply(struct options *o, char *item, bool sloppy)
 	if (value)
 		*value++ = '\0';
 	for (const struct option *lo = longopts; lo->name; lo++) {
-		if (strcmp(lo->name, item) != 0 || lo->val == 'h' || lo->val == 'V')
+		if (strcmp(lo->name, item) != 0 || lo->val == 'h' || lo->val == 'V' ||
+		    lo->val == OPT_LIST_PARTITIONS)
 			continue;
 		if ((lo->has_arg == required_argument) != (value != NULL)) {
 			log_err("-o %s: %s", item, value ? "takes no value" : "needs =VALUE");
@@ -5285,12 +5941,38 @@ static int parse_options(int argc, char **argv, struct options *o)
 	}
 	if (err < 0)
 		return err;
+	if (o->list_partitions) {
+		if (argc - optind != 1) {
+			log_err("--list-partitions takes one IMAGE (see --help)");
+			return -EINVAL;
+		}
+		o->image = argv[optind];
+		return 0;
+	}
 	if (argc - optind != 2) {
 		log_err("expected IMAGE and MOUNTPOINT (see --help)");
 		return -EINVAL;
 	}
 	o->image = argv[optind];
 	o->mountpoint = argv[optind + 1];
+	if (o->partition && (o->offset_set || o->size_set)) {
+		log_err("--partition and --offset/--size exclude each other");
+		return -EINVAL;
+	}
+	if (o->offset + o->size > (uint64_t)INT64_MAX) {
+		log_err("--offset + --size is past the largest file size (2^63 - 1)");
+		return -EINVAL;
+	}
+	if (options_window(o) && o->growable) {
+		log_err("--growable: a window (--offset, --size, --partition) has a fixed size");
+		return -EINVAL;
+	}
+	if (options_window(o) && o->passthrough) {
+		log_err("--passthrough cannot export a window (--offset, --size, --partition): "
+			"the kernel would do the image I/O at the export's own offsets, "
+			"which FUSE passthrough cannot shift");
+		return -EINVAL;
+	}
 	if (o->growable && !o->writable) {
 		log_err("--growable needs --writable");
 		return -EINVAL;
@@ -5353,6 +6035,48 @@ static int open_pidfile(struct pidfile *pf, const char *path)
 	return err;
 }
 
+/*
+ * --list-partitions IMAGE: the table, for scripts.  A header line, then
+ * one line per partition: number, start and size in bytes, type (MBR
+ * "0x83", "0x5" as partx prints them; GPT the type GUID), UUID (GPT
+ * PARTUUID, MBR "<disk id>-NN"), and last the GPT name (may hold spaces;
+ * control characters and backslashes as \xNN).  Returns the exit status: 0, or EXIT_IMAGE with
+ * one line saying what is wrong.
+ */
+static int list_partitions(const char *path)
+{
+	static struct image img;
+	static struct pt_table t;
+	int err = image_open(&img, path);
+
+	if (err) {
+		log_err("%s: %s", path, err == -EINVAL ? "not a regular file or block device" :
+			strerror(-err));
+		return EXIT_IMAGE;
+	}
+	if (image_partitions(&img, &t) < 0) {
+		log_err("%s: %s", path, t.error);
+		return EXIT_IMAGE;
+	}
+	printf("NR START SIZE TYPE UUID NAME\n");
+	for (unsigned i = 0; i < t.nr; i++) {
+		const struct pt_part *p = &t.parts[i];
+
+		printf("%u %llu %llu %s %s%s", p->number, (unsigned long long)p->start,
+		       (unsigned long long)p->size, p->type, p->uuid, *p->name ? " " : "");
+		for (const char *c = p->name; *c; c++) {
+			unsigned char u = (unsigned char)*c;
+
+			if (u < 0x20 || u == 0x7f || u == '\\')
+				printf("\\x%02x", u);
+			else
+				putchar(u);
+		}
+		putchar('\n');
+	}
+	return fflush(stdout) == 0 ? 0 : EXIT_FAILED;
+}
+
 /* Block the signals taken with sigwaitinfo, before any thread exists:
  * threads inherit the mask. */
 static void block_signals(void)
@@ -5396,6 +6120,8 @@ int main(int argc, char **argv)
 	umask(umask(0) | 022);
 	if ((err = parse_options(argc, argv, &o)) != 0)
 		return err < 0 ? EXIT_USAGE : 0;	/* 1: mount -f */
+	if (o.list_partitions)
+		return list_partitions(o.image);
 	block_signals();
 	exp.main_thread = pthread_self();
 	if (o.pidfile && open_pidfile(&pf, o.pidfile) < 0)

@@ -1,13 +1,15 @@
 #!/usr/bin/env bats
 # Table-driven tests of the pure parsers and planners (tests/unit.c, built
-# with ASan and UBSan): parse_cpu_list, parse_size, memory_plan.  Nothing
-# here depends on the transport; both passes run it.
+# with ASan and UBSan): parse_cpu_list, parse_size, memory_plan, and the
+# MBR/GPT parsers (pt_parse, pt_find, crc32_ieee) on sound and damaged
+# tables built in memory.  Nothing here depends on the transport; both
+# passes run it.
 
 load helpers
 
 UNIT=$TOP/tests/unit
 
-@test "unit: parse_cpu_list, parse_size and memory_plan cases and properties" {
+@test "unit: parse_cpu_list, parse_size, memory_plan, partition tables" {
 	[ -x "$UNIT" ] || skip "tests/unit not built (make tests/unit)"
 	run "$UNIT"
 	echo "$output"
