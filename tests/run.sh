@@ -66,27 +66,51 @@ run_pass() {
 	rm -f "$out"
 }
 
-for t in "${transports[@]}"; do
-	run_pass "uexportd" "$t" "${files[@]}"
-done
-
-# The sanitizer passes: the same tests against tests/uexportd-asan (ASan,
-# UBSan, LSan) once per transport, and tests/uexportd-tsan (TSan) with the
-# first transport (io_uring's queue threads when it is there) over the
-# files that drive the threads hardest (TSAN_FILES) -- every file and both
-# transports in make check-long: make check stays within its ten minutes.
-# Every report goes to a file in one directory (the daemon's stderr is
-# /dev/null once it is a daemon); any file there fails the run.  The
-# harnesses (fuzz_08, unit_11) are sanitized builds already, bench_09
-# measures, bare_16 runs the static builds and install_17 make install:
-# they do not run again.  SANITIZE="" skips the passes.
-san_files=() tsan_files=()
+# The passes.  Every bats file runs once per transport; the files that
+# start the daemon also run against two sanitized builds of it,
+# tests/uexportd-asan (ASan, UBSan, LSan) and tests/uexportd-tsan (TSan).
+# Every report goes to a file in one directory (a daemon's stderr is
+# /dev/null) and any file there fails the run.  make check, within its
+# ten minutes, with transports uring and dev-fuse:
+#
+#   plain uring      every file
+#   asan  dev-fuse   every file that starts $UEXPORTD (the same code as
+#                    the plain binary, checked; ASan costs little here)
+#   plain dev-fuse   the rest: the harnesses fuzz_08 and unit_11 (built
+#                    with ASan already), bare_16 (the static builds),
+#                    install_17, and a smoke set of the plain binary
+#   tsan  uring      the files that drive the serving threads hardest
+#
+# make check-long runs every file plain, under ASan and under TSan, on
+# both transports.  SANITIZE="" runs only plain passes, on every file.
+SANITIZE=${SANITIZE-asan tsan}
 TSAN_FILES=${TSAN_FILES:-io_02 stress_04 uring_05 safety_10 crash_14 faults_12}
+PLAIN_SMOKE=${PLAIN_SMOKE:-io_02 cli_01 system_18}
+# picks NAMES FILE...: the files whose basename is in NAMES ("*": all).
+picks() {
+	local names=$1 f; shift
+	for f in "$@"; do
+		[[ "$names" == "*" || " $names " == *" $(basename "$f" .bats) "* ]] && echo "$f"
+	done
+}
+daemon_files=() rest_files=()
 for f in "${files[@]}"; do
-	case $f in */fuzz_08.bats|*/unit_11.bats|*/bench_09.bats|*/bare_16.bats|*/install_17.bats) continue ;; esac
-	san_files+=("$f")
-	b=$(basename "$f" .bats)
-	[[ " $TSAN_FILES " == *" $b "* || -n "${LONG:-}" ]] && tsan_files+=("$f")
+	case $f in
+	*/fuzz_08.bats|*/unit_11.bats|*/bench_09.bats|*/bare_16.bats|*/install_17.bats)
+		rest_files+=("$f") ;;
+	*)	daemon_files+=("$f") ;;
+	esac
+done
+split=0	# 1: the second transport's plain pass leaves the daemon files to ASan
+[[ " $SANITIZE " == *" asan "* && -z "${LONG:-}" && ${#transports[@]} -gt 1 ]] && split=1
+
+for t in "${transports[@]}"; do
+	if [ "$split" = 1 ] && [ "$t" != "${transports[0]}" ]; then
+		mapfile -t pass_files < <(picks "$PLAIN_SMOKE" "${daemon_files[@]}"; printf '%s\n' "${rest_files[@]}")
+	else
+		pass_files=("${files[@]}")
+	fi
+	[ ${#pass_files[@]} -gt 0 ] && run_pass "uexportd" "$t" "${pass_files[@]}"
 done
 
 # san_canary NAME: a program built with NAME's flags that makes NAME
@@ -118,7 +142,7 @@ san_reports() {
 	[ "$n" = 0 ]
 }
 
-for san in ${SANITIZE-asan tsan}; do
+for san in $SANITIZE; do
 	bin=tests/uexportd-$san
 	if ! ${MAKE:-make} -s "$bin"; then
 		echo "FAIL: $bin does not build"; failed=$((failed + 1)) rc=1; continue
@@ -132,10 +156,12 @@ for san in ${SANITIZE-asan tsan}; do
 		echo "FAIL: a $san report does not reach $SAN_DIR: the $san pass could not fail"
 		failed=$((failed + 1)) rc=1
 	fi
-	san_transports=("${transports[@]}") pass_files=("${san_files[@]}")
-	if [ "$san" = tsan ]; then
-		pass_files=("${tsan_files[@]}")
-		[ -z "${LONG:-}" ] && san_transports=("${transports[0]}")
+	san_transports=("${transports[@]}") pass_files=("${daemon_files[@]}")
+	if [ -z "${LONG:-}" ] && [ "$san" = asan ]; then
+		san_transports=("${transports[-1]}")
+	elif [ -z "${LONG:-}" ]; then
+		san_transports=("${transports[0]}")
+		mapfile -t pass_files < <(picks "$TSAN_FILES" "${daemon_files[@]}")
 	fi
 	for t in "${san_transports[@]}"; do
 		[ ${#pass_files[@]} -gt 0 ] || break
