@@ -5239,7 +5239,7 @@ static void unmount_dead(const char *mountpoint)
  */
 static int daemonize_wait(pid_t child, int rfd, const char *mountpoint, struct pidfile *pf)
 {
-	static const struct timespec tick = { 0, 100 * 1000000L };
+	static const struct timespec now = { 0, 0 };
 	struct pollfd pfd = { .fd = rfd, .events = POLLIN };
 	bool interrupted = false;
 	uint64_t kill_at = UINT64_MAX;
@@ -5252,7 +5252,10 @@ static int daemonize_wait(pid_t child, int rfd, const char *mountpoint, struct p
 	sigaddset(&set, SIGTERM);
 	sigaddset(&set, SIGHUP);
 	for (;;) {
-		int sig = sigtimedwait(&set, NULL, &tick);
+		/* The pipe wakes us at once; the blocked signals do not, so
+		 * they are looked at every 100 ms, and first. */
+		int ready = poll(&pfd, 1, 100);
+		int sig = sigtimedwait(&set, NULL, &now);
 
 		if (sig > 0 && !interrupted) {
 			log_err("start-up interrupted by signal %d: stopping the daemon", sig);
@@ -5260,11 +5263,12 @@ static int daemonize_wait(pid_t child, int rfd, const char *mountpoint, struct p
 			interrupted = true;
 			kill_at = now_ns() + START_KILL_MS * 1000000ull;
 		}
-		if (poll(&pfd, 1, 0) == 1) {
+		if (ready == 1) {
 			if (read(rfd, &ok, 1) == 1 && !interrupted)
 				return 0;
 			if (!interrupted)
 				break;	/* EOF: the child failed */
+			pfd.fd = -1;	/* EOF after a signal: poll only paces */
 		}
 		if (interrupted && waitpid(child, &status, WNOHANG) == child)
 			return EXIT_FAILED;
