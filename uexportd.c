@@ -2,9 +2,10 @@
 /*
  * uexportd - export a raw disk image as one regular file through FUSE.
  *
- * The image (a regular file, a block device, or the "null:SIZE" test backend)
- * appears at MOUNTPOINT, itself an existing regular file the export is mounted
- * on top of, byte for byte.  Requests are answered by transport-independent
+ * The image (a regular file, a block device, or the "null:SIZE" test backend),
+ * or a window of it (a byte range, an MBR or GPT partition), appears at
+ * MOUNTPOINT, itself an existing regular file the export is mounted on top
+ * of, byte for byte.  Requests are answered by transport-independent
  * handlers; the transports only move bytes between the kernel and them:
  *
  *   - FUSE-over-io_uring (Linux 6.14+, fuse.enable_uring=Y): one ring and one
