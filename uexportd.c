@@ -79,6 +79,9 @@
 #ifndef BLKSSZGET
 #define BLKSSZGET		_IO(0x12, 104)
 #endif
+#ifndef BLKROGET
+#define BLKROGET		_IO(0x12, 94)
+#endif
 #ifndef FALLOC_FL_KEEP_SIZE
 #define FALLOC_FL_KEEP_SIZE	0x01
 #endif
@@ -1020,7 +1023,9 @@ static bool mbr_is_extended(uint8_t type)
 static void mbr_describe(struct pt_part *p, uint8_t type, uint32_t disk_id)
 {
 	snprintf(p->type, sizeof(p->type), "0x%x", type);
-	snprintf(p->uuid, sizeof(p->uuid), "%08x-%02x", disk_id, p->number);
+	/* No disk id, no PARTUUID: blkid and partx print none either. */
+	if (disk_id)
+		snprintf(p->uuid, sizeof(p->uuid), "%08x-%02x", disk_id, p->number);
 	p->container = mbr_is_extended(type);
 }
 
@@ -1277,6 +1282,22 @@ static bool pt_same_uuid(const char *a, const char *b)
  * PARTUUID, or MBR's "<disk id>-NN"; any case).  NULL with t->error saying
  * why: none, two of that name or UUID, the extended partition.
  */
+/* Is 'spec' a well-formed --partition value: a number from 1, or
+ * name:LABEL / uuid:UUID with something after the colon?  (Whether the
+ * table has it is pt_find's question.) */
+static bool pt_spec_valid(const char *spec)
+{
+	unsigned long number;
+	char *end;
+
+	if (strncmp(spec, "name:", 5) == 0 || strncmp(spec, "uuid:", 5) == 0)
+		return spec[5] != '\0';
+	errno = 0;
+	number = strtoul(spec, &end, 10);
+	return isdigit((unsigned char)*spec) && !*end && !errno && number >= 1 &&
+	       number <= UINT_MAX;
+}
+
 static const struct pt_part *pt_find(struct pt_table *t, const char *spec)
 {
 	bool by_name = strncmp(spec, "name:", 5) == 0, by_uuid = strncmp(spec, "uuid:", 5) == 0;
@@ -1857,10 +1878,14 @@ static int image_open_null(struct image *img, const char *spec)
 static int image_probe_blkdev(struct image *img, int fd)
 {
 	uint64_t size;
-	int ssz = 512;
+	int ssz = 512, ro = 0;
 
 	if (ioctl(fd, BLKGETSIZE64, &size) < 0)
 		return -errno;
+	/* A read-only device opens O_RDWR all the same; every write would
+	 * then fail (EPERM): refuse -w as a read-only file system is. */
+	if (img->writable && ioctl(fd, BLKROGET, &ro) == 0 && ro)
+		return -EROFS;
 	ioctl(fd, BLKSSZGET, &ssz);
 	img->size = size;
 	img->align = img->zero_unit = (uint32_t)ssz;
@@ -4062,18 +4087,40 @@ static void fusermount_reason(int fd, char *buf, size_t cap)
  * abort a connection (see watcher_start).  The socket becomes
  * mo->watch_fd.  Returns the /dev/fuse fd or -errno.
  */
+/* 'src' as one value of fusermount3's -o: a comma would end the option and
+ * a backslash escapes the next character, so both get a backslash
+ * (fusermount3 unescapes them, util/fusermount.c).  Returns 0, or
+ * -ENAMETOOLONG when it does not fit in 'cap' bytes. */
+static int mount_opt_escape(const char *src, char *out, size_t cap)
+{
+	size_t n = 0;
+
+	for (; *src; src++) {
+		if (n + 3 > cap)
+			return -ENAMETOOLONG;
+		if (*src == ',' || *src == '\\')
+			out[n++] = '\\';
+		out[n++] = *src;
+	}
+	out[n] = '\0';
+	return 0;
+}
+
 static int mount_fusermount(struct mount_opts *mo)
 {
-	char opts[300], fsname[300];
-	int sv[2], ep[2] = { -1, -1 }, fd;
+	char opts[2 * PATH_MAX + 512], fsname[2 * PATH_MAX + 1];
+	int sv[2], ep[2] = { -1, -1 }, fd, n;
 	pid_t pid;
 
+	/* The source in the mount table is the image, whatever its name. */
+	if (mount_opt_escape(mo->source, fsname, sizeof(fsname)) < 0)
+		return -ENAMETOOLONG;
 	mount_opts_string(opts, sizeof(opts), mo, -1);
-	strncat(opts, ",auto_unmount", sizeof(opts) - strlen(opts) - 1);
-	/* fsname may not contain a comma: it would end the option. */
-	snprintf(fsname, sizeof(fsname), ",fsname=%s,subtype=uexportd", mo->source);
-	if (strchr(mo->source, ',') == NULL)
-		strncat(opts, fsname, sizeof(opts) - strlen(opts) - 1);
+	n = (int)strlen(opts);
+	n += snprintf(opts + n, sizeof(opts) - (size_t)n,
+		      ",auto_unmount,fsname=%s,subtype=uexportd", fsname);
+	if (n >= (int)sizeof(opts))
+		return -ENAMETOOLONG;
 	if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) < 0)
 		return -errno;
 	/* Its stderr is read back, not passed through: it says why it failed. */
@@ -4382,6 +4429,9 @@ struct options {
 	uint64_t max_memory;
 	const char *pidfile;
 	int notify_fd;				/* --notify-fd, -1: none */
+	bool mount_ro;				/* -o ro */
+	char *o_lists[16];			/* copies of the -o lists, split */
+	unsigned nr_o_lists;
 	unsigned long mount_flags;		/* -o noexec, sync: MS_* */
 	/* A window: --offset/--size (set: given), or --partition. */
 	uint64_t offset, size;
@@ -4550,7 +4600,12 @@ static int check_mountpoint(struct options *o)
 		err = -ELOOP;
 	else if (!err && !S_ISREG(st->st_mode))
 		err = S_ISDIR(st->st_mode) ? -EISDIR : -EINVAL;
-	if (err == -ELOOP)
+	/* mount.fuse3's drop_privileges mounts first and passes /dev/fd/N
+	 * (libfuse's convention): not ours -- we mount ourselves. */
+	if (err == -ELOOP && strncmp(o->mountpoint, "/dev/fd/", 8) == 0)
+		log_err("mount point %s: a mount made by someone else (mount.fuse3's "
+			"drop_privileges) is not supported: mount without it", o->mountpoint);
+	else if (err == -ELOOP)
 		log_err("mount point %s: is a symbolic link", o->mountpoint);
 	else if (err == -EISDIR)
 		log_err("mount point %s: is a directory (it must be a regular file)", o->mountpoint);
@@ -5379,17 +5434,24 @@ static void notify_systemd(const char *msg)
 }
 
 /* Live: a newline to --notify-fd (s6's readiness protocol), closed then
- * (one of 0-2 is left for daemonizing to replace), and READY=1 with a
- * STATUS= line ('status') to systemd. */
+ * (one of 0-2 becomes /dev/null), and READY=1 with a STATUS= line
+ * ('status') to systemd. */
 static void notify_live(struct options *o, const char *status)
 {
 	char msg[512];
+	int null;
 
 	if (o->notify_fd >= 0) {
 		if (write(o->notify_fd, "\n", 1) < 0)
 			log_err("--notify-fd=%d: %s", o->notify_fd, strerror(errno));
-		if (o->notify_fd > STDERR_FILENO)
+		/* Closed, so that a reader sees EOF; one of 0-2 becomes
+		 * /dev/null instead (in the foreground nothing else would). */
+		if (o->notify_fd > STDERR_FILENO) {
 			close(o->notify_fd);
+		} else if ((null = open_null()) >= 0) {
+			dup2(null, o->notify_fd);
+			close(null);
+		}
 		o->notify_fd = -1;
 	}
 	snprintf(msg, sizeof(msg), "READY=1\nSTATUS=serving: %s", status);
@@ -5461,7 +5523,7 @@ static void shutdown_export(struct export *exp, struct mount_opts *mo, bool flus
 			log_info("%s is busy: detaching lazily", mo->target);
 			unmount_export(mo, true);
 		}
-	} else {
+	} else if (mount_point(mo->target, NULL) == 1) {
 		log_info("%s is no longer our mount on top: not unmounting it", mo->target);
 	}
 	if (!mo->privileged)
@@ -5734,14 +5796,27 @@ static int option_apply(struct options *o, int c, const char *arg)
 	case 'w': o->writable = true; break;
 	case 'g': o->growable = true; break;
 	case 'f': o->foreground = true; break;
-	case 'p': o->pidfile = arg; break;
+	case 'p':
+		if (!*arg) {
+			log_err("invalid --pidfile '' (expected a file name)");
+			return -EINVAL;
+		}
+		o->pidfile = arg;
+		break;
 	case 'v': log_verbose = true; break;
 	case 'd': log_debug = log_verbose = o->foreground = true; break;
 	case OPT_DIRECT: o->direct = true; break;
 	case OPT_PASSTHROUGH: o->passthrough = true; break;
 	case OPT_CLEAN_STALE: o->clean_stale = true; break;
 	case OPT_NOTIFY_FD: return parse_notify_fd(arg, o);
-	case OPT_PARTITION: o->partition = arg; break;
+	case OPT_PARTITION:
+		if (!pt_spec_valid(arg)) {
+			log_err("invalid --partition '%s' (expected a number from 1, "
+				"name:LABEL or uuid:UUID)", arg);
+			return -EINVAL;
+		}
+		o->partition = arg;
+		break;
 	case OPT_LIST_PARTITIONS: o->list_partitions = true; break;
 	case OPT_OFFSET:
 	case OPT_SIZE:
@@ -5809,7 +5884,8 @@ static bool mount_option_ignored(const char *name)
 		"defaults", "auto", "noauto", "user", "nouser", "users", "owner", "nofail",
 		"_netdev", "default_permissions", "nosuid", "nodev", "suid", "dev",
 		"atime", "noatime", "relatime", "strictatime", "diratime", "nodiratime",
-		"lazytime", "nolazytime", "dirsync", "loud", "silent", NULL,
+		"lazytime", "nolazytime", "dirsync", "loud", "silent", "nosymfollow",
+		"symfollow", "iversion", "noiversion", NULL,
 	};
 
 	if (strncmp(name, "x-", 2) == 0 || strncmp(name, "comment=", 8) == 0)
@@ -5840,10 +5916,17 @@ static int mount_option_apply(struct options *o, char *item, bool sloppy)
 {
 	char *value = strchr(item, '=');
 
-	if (!*item || mount_option_ignored(item))
+	/* uexportd.NAME: the option NAME where mount(8) would take NAME for
+	 * itself (libmount sets up a loop device for offset=).  It passes
+	 * names it does not know to the helper; x- ones it keeps. */
+	if (strncmp(item, "uexportd.", 9) == 0)
+		item += 9;
+	else if (!*item || mount_option_ignored(item))
 		return 0;
-	if (strcmp(item, "rw") == 0 || strcmp(item, "ro") == 0) {
-		o->writable = item[1] == 'w';
+	if (strcmp(item, "rw") == 0)
+		return option_apply(o, 'w', NULL);
+	if (strcmp(item, "ro") == 0) {
+		o->mount_ro = true;	/* a conflict with rw is refused at the end */
 		return 0;
 	}
 	if (strcmp(item, "allow_other") == 0)
@@ -5873,12 +5956,24 @@ static int mount_option_apply(struct options *o, char *item, bool sloppy)
 	return -EINVAL;
 }
 
-/* -o OPT[,OPT...]; 'list' is modified.  Returns 0 or -EINVAL (logged). */
-static int mount_options_apply(struct options *o, char *list, bool sloppy)
+/* -o OPT[,OPT...], split in a copy: argv stays as ps(1) shows it.  The
+ * values kept in *o point into the copy, in o->o_lists until
+ * options_free().  Returns 0 or -EINVAL (logged). */
+static int mount_options_apply(struct options *o, const char *list, bool sloppy)
 {
-	char *save = NULL;
+	char *copy, *save = NULL;
 
-	for (char *item = strtok_r(list, ",", &save); item; item = strtok_r(NULL, ",", &save))
+	if (o->nr_o_lists == sizeof(o->o_lists) / sizeof(o->o_lists[0])) {
+		log_err("-o %s: more than %u -o options", list, o->nr_o_lists);
+		return -EINVAL;
+	}
+	copy = strdup(list);
+	if (!copy) {
+		log_err("-o %s: %s", list, strerror(ENOMEM));
+		return -EINVAL;
+	}
+	o->o_lists[o->nr_o_lists++] = copy;
+	for (char *item = strtok_r(copy, ",", &save); item; item = strtok_r(NULL, ",", &save))
 		if (mount_option_apply(o, item, sloppy) < 0)
 			return -EINVAL;
 	return 0;
@@ -5918,6 +6013,12 @@ static int parse_mount_helper(int argc, char **argv, struct options *o)
 	if (list && mount_options_apply(o, list, sloppy) < 0)
 		return -EINVAL;
 	return fake ? 1 : 0;
+}
+
+static void options_free(struct options *o)
+{
+	while (o->nr_o_lists > 0)
+		free(o->o_lists[--o->nr_o_lists]);
 }
 
 static int parse_options(int argc, char **argv, struct options *o)
@@ -5976,6 +6077,11 @@ static int parse_options(int argc, char **argv, struct options *o)
 		log_err("--passthrough cannot export a window (--offset, --size, --partition): "
 			"the kernel would do the image I/O at the export's own offsets, "
 			"which FUSE passthrough cannot shift");
+		return -EINVAL;
+	}
+	/* mount(8) may pass -o ro,writable in any order: no order decides. */
+	if (o->mount_ro && o->writable) {
+		log_err("-o ro conflicts with --writable (-w, -o rw, -o writable)");
 		return -EINVAL;
 	}
 	if (o->growable && !o->writable) {
@@ -6068,7 +6174,8 @@ static int list_partitions(const char *path)
 		const struct pt_part *p = &t.parts[i];
 
 		printf("%u %llu %llu %s %s%s", p->number, (unsigned long long)p->start,
-		       (unsigned long long)p->size, p->type, p->uuid, *p->name ? " " : "");
+		       (unsigned long long)p->size, p->type, *p->uuid ? p->uuid : "-",
+		       *p->name ? " " : "");
 		for (const char *c = p->name; *c; c++) {
 			unsigned char u = (unsigned char)*c;
 
@@ -6112,31 +6219,42 @@ static int prepare_export(struct export *exp, struct options *o, const struct pi
 	return 0;
 }
 
+/* The export's whole life, from the pidfile to the stop: its exit status. */
+static int export_main(struct options *o)
+{
+	struct pidfile pf = { .fd = -1 };
+	struct export exp = { .dev_fd = -1 };
+	int ready_fd = -1, status;
+
+	block_signals();
+	exp.main_thread = pthread_self();
+	if (o->pidfile && open_pidfile(&pf, o->pidfile) < 0)
+		return EXIT_FAILED;
+	if (!o->foreground && daemonize_begin(o->mountpoint, &pf, &ready_fd, o->notify_fd) < 0)
+		status = EXIT_FAILED;
+	else
+		status = prepare_export(&exp, o, &pf);
+	if (!status)
+		status = serve(&exp, o, &pf, ready_fd);
+	pidfile_remove(&pf);
+	return status;
+}
+
 int main(int argc, char **argv)
 {
 	struct options o = { .mountpoint_lock = -1 };
-	struct pidfile pf = { .fd = -1 };
-	struct export exp = { .dev_fd = -1 };
-	int ready_fd = -1;
 	int err, status;
 
 	stdio_reserve();
 	/* The pidfile is the only file we create: never group/world-writable. */
 	umask(umask(0) | 022);
-	if ((err = parse_options(argc, argv, &o)) != 0)
-		return err < 0 ? EXIT_USAGE : 0;	/* 1: mount -f */
-	if (o.list_partitions)
-		return list_partitions(o.image);
-	block_signals();
-	exp.main_thread = pthread_self();
-	if (o.pidfile && open_pidfile(&pf, o.pidfile) < 0)
-		return EXIT_FAILED;
-	if (!o.foreground && daemonize_begin(o.mountpoint, &pf, &ready_fd, o.notify_fd) < 0)
-		status = EXIT_FAILED;
+	err = parse_options(argc, argv, &o);
+	if (err)
+		status = err < 0 ? EXIT_USAGE : 0;	/* 1: mount -f */
+	else if (o.list_partitions)
+		status = list_partitions(o.image);
 	else
-		status = prepare_export(&exp, &o, &pf);
-	if (!status)
-		status = serve(&exp, &o, &pf, ready_fd);
-	pidfile_remove(&pf);
+		status = export_main(&o);
+	options_free(&o);
 	return status;
 }

@@ -54,6 +54,14 @@ pidfile_written() { [ -s "$PIDFILE" ]; }
 	[ "$output" = "err EROFS" ]
 	umount "$MNT"
 	wait_until 20 pid_gone "$DPID"
+	# mount(8) takes offset= for a loop device of its own: uexportd.offset=
+	# reaches us, and the source stays the image.
+	mount -t fuse.uexportd "$IMG" "$MNT" -o "rw,uexportd.offset=4096,size=8192,$(io_uring_o),pidfile=$PIDFILE"
+	DPID=$(cat "$PIDFILE")
+	[[ "$(mount_line "$MNT")" == "$IMG $MNT fuse.uexportd rw,"* ]]
+	cmp "$MNT" <(dd if="$IMG" bs=4096 skip=1 count=2 status=none)
+	umount "$MNT"
+	wait_until 20 pid_gone "$DPID"
 }
 
 @test "an fstab line mounts with mount -a, bad -o options fail with the usage status" {
@@ -81,7 +89,17 @@ pidfile_written() { [ -s "$PIDFILE" ]; }
 	[ "$status" -eq 2 ]; [ "$output" = "uexportd: -o direct: takes no value" ]
 	run "$UEXPORTD" "$IMG" "$MNT" -o queue-depth=0
 	[ "$status" -eq 2 ]; [ "$output" = "uexportd: invalid --queue-depth '0' (expected 1-1024)" ]
+	# ro with rw or writable, in either order: refused, not decided by order.
+	for o in ro,writable writable,ro rw,ro; do
+		run "$HELPER" "$IMG" "$MNT" -o "$o"
+		[ "$status" -eq 2 ]; [ "$output" = "uexportd: -o ro conflicts with --writable (-w, -o rw, -o writable)" ]
+	done
 	not_mounted "$MNT"
+	# Options mount(8) passes along are taken; argv is left as it was.
+	"$UEXPORTD" "$IMG" "$MNT" -o "ro,nosymfollow,iversion,$(io_uring_o),pidfile=$PIDFILE"
+	DPID=$(cat "$PIDFILE")
+	[ "$(tr '\0' ' ' < "/proc/$DPID/cmdline")" = "$UEXPORTD $IMG $MNT -o ro,nosymfollow,iversion,$(io_uring_o),pidfile=$PIDFILE " ]
+	stop_export
 }
 
 @test "mount.fuse3 runs uexportd SOURCE MOUNTPOINT -o OPTS" {
@@ -123,6 +141,14 @@ notify_through_fifo() {
 	rm "$W/notify"
 	notify_through_fifo -f
 	DPID=$BGPID
+	stop_fg 0
+	# Descriptor 1 in the foreground: written, then /dev/null, so the
+	# reader sees EOF while the daemon serves on.
+	rm "$W/notify"; mkfifo "$W/notify"
+	"$UEXPORTD" $(transport_opt) -f --notify-fd=1 -p "$PIDFILE" "$IMG" "$MNT" >"$W/notify" 2>"$LOG" &
+	DPID=$!
+	[ "$(timeout 20 od -An -c "$W/notify" | tr -d ' ')" = '\n' ]
+	is_mounted "$MNT"
 	stop_fg 0
 	# Not an open descriptor: a usage error.
 	run "$UEXPORTD" --notify-fd=9 "$IMG" "$MNT" 9>&-
@@ -170,7 +196,7 @@ with open(sys.argv[2], "a") as out:
 	stop_export
 }
 
-@test "exit statuses: usage 2, image 4, mount point 5; an empty image is refused" {
+@test "exit statuses: usage 2, image 4, mount point 5; an empty image, a read-only device with -w are refused" {
 	random_file "$IMG" 64K
 	run "$UEXPORTD" --bogus "$IMG" "$MNT"
 	[ "$status" -eq 2 ]; [ "$output" = "uexportd: unknown option '--bogus' (see --help)" ]
@@ -185,7 +211,23 @@ with open(sys.argv[2], "a") as out:
 	[ "$status" -eq 4 ]; [[ "$output" == *"empty, and not --growable"* ]]
 	run "$UEXPORTD" -f "$W/missing.raw" "$MNT"
 	[ "$status" -eq 4 ]
+	# A read-only block device opens O_RDWR all the same: -w is refused.
+	if [ "$(id -u)" = 0 ] && LOOP=$(losetup -r -f --show "$IMG" 2>/dev/null); then
+		run "$UEXPORTD" -f -w "$LOOP" "$MNT"
+		[ "$status" -eq 4 ]; [ "$output" = "uexportd: open $LOOP: Read-only file system" ]
+	fi
 	run "$UEXPORTD" -f "$IMG" "$W/missing.file"
 	[ "$status" -eq 5 ]
+	# A malformed --partition or an empty --pidfile is a usage error, found
+	# before the image is even opened.
+	for p in 0 -1 1x "" abc name: uuid:; do
+		run "$UEXPORTD" --partition="$p" "$W/missing.raw" "$MNT"
+		[ "$status" -eq 2 ]; [ "$output" = "uexportd: invalid --partition '$p' (expected a number from 1, name:LABEL or uuid:UUID)" ]
+	done
+	run "$UEXPORTD" --pidfile= "$IMG" "$MNT"
+	[ "$status" -eq 2 ]; [ "$output" = "uexportd: invalid --pidfile '' (expected a file name)" ]
+	# mount.fuse3's drop_privileges hands over /dev/fd/N, mounted already.
+	run "$UEXPORTD" -f "$IMG" /dev/fd/1
+	[ "$status" -eq 5 ]; [[ "$output" == "uexportd: mount point /dev/fd/1: a mount made by someone else (mount.fuse3's drop_privileges) is not supported"* ]]
 	not_mounted "$MNT"
 }

@@ -334,3 +334,18 @@ teardown_hook() {
 	[ ! -e "$W/nowhere" ]
 	[ ! -e "$PIDFILE" ]
 }
+
+@test "users: the mount table names a user's image by its path, commas and backslashes too" {
+	require_users
+	require_cmd fusermount3
+	local img="$D/a/x,y z\\q.img"
+	user_image "$USER_A" "$img" 64K
+	touch "$D/a/mnt"; own "$USER_A" "$D/a/mnt"
+	user_start "$USER_A" "$img" "$D/a/mnt"
+	# mountinfo: "... - fuse.uexportd SOURCE ...", octal escapes for space
+	# and backslash.
+	line=$(grep " $D/a/mnt " /proc/self/mountinfo)
+	[[ "${line#* - }" == "fuse.uexportd $D/a/x,y\\040z\\134q.img "* ]] || { echo "$line"; false; }
+	as "$USER_A" cmp "$D/a/mnt" "$img"
+	user_stop "$UPID" "$D/a/mnt"
+}
