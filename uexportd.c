@@ -354,8 +354,6 @@ static void close_fd_range(unsigned lo, unsigned hi)
 		close((int)fd);
 }
 
-/* Write 'text' into the existing file 'path', relative to 'dirfd' (a
- * directory or mount descriptor, or AT_FDCWD).  Returns 0 or -errno. */
 /*
  * The new mount API (Linux 5.2), by raw syscalls: musl 1.2.3 has no
  * wrappers, glibc only since 2.36.  It makes a file system instance without
@@ -416,6 +414,8 @@ static int fs_mount_detached(int fs)
 	return mnt < 0 ? -errno : mnt;
 }
 
+/* Write 'text' into the existing file 'path', relative to 'dirfd' (a
+ * directory or mount descriptor, or AT_FDCWD).  Returns 0 or -errno. */
 static int write_file_at(int dirfd, const char *path, const char *text)
 {
 	int fd = openat(dirfd, path, O_WRONLY | O_CLOEXEC);
@@ -1277,11 +1277,6 @@ static bool pt_same_uuid(const char *a, const char *b)
 	return strcasecmp(a, b) == 0;
 }
 
-/*
- * The partition 'spec' names: "N", "name:LABEL" (GPT), "uuid:UUID" (GPT
- * PARTUUID, or MBR's "<disk id>-NN"; any case).  NULL with t->error saying
- * why: none, two of that name or UUID, the extended partition.
- */
 /* Is 'spec' a well-formed --partition value: a number from 1, or
  * name:LABEL / uuid:UUID with something after the colon?  (Whether the
  * table has it is pt_find's question.) */
@@ -1298,6 +1293,11 @@ static bool pt_spec_valid(const char *spec)
 	       number <= UINT_MAX;
 }
 
+/*
+ * The partition 'spec' names: "N", "name:LABEL" (GPT), "uuid:UUID" (GPT
+ * PARTUUID, or MBR's "<disk id>-NN"; any case).  NULL with t->error saying
+ * why: none, two of that name or UUID, the extended partition.
+ */
 static const struct pt_part *pt_find(struct pt_table *t, const char *spec)
 {
 	bool by_name = strncmp(spec, "name:", 5) == 0, by_uuid = strncmp(spec, "uuid:", 5) == 0;
@@ -1305,17 +1305,11 @@ static const struct pt_part *pt_find(struct pt_table *t, const char *spec)
 	const char *key = spec + 5;
 	char numbers[128] = "";
 	size_t len = 0;
-	unsigned long number = 0;
-	char *end;
+	unsigned long number = by_name || by_uuid ? 0 : strtoul(spec, NULL, 10);
 
-	if (!by_name && !by_uuid) {
-		errno = 0;
-		number = strtoul(spec, &end, 10);
-		if (!isdigit((unsigned char)*spec) || *end || errno || number == 0 ||
-		    number > UINT_MAX) {
-			pt_fail(t, "'%s' is not a partition number, name:LABEL or uuid:UUID", spec);
-			return NULL;
-		}
+	if (!by_name && !by_uuid && !pt_spec_valid(spec)) {
+		pt_fail(t, "'%s' is not a partition number, name:LABEL or uuid:UUID", spec);
+		return NULL;
 	}
 	if (by_name && strcmp(t->label, "gpt") != 0) {
 		pt_fail(t, "an MBR names no partitions (by number or uuid: instead)");
@@ -4080,13 +4074,6 @@ static void fusermount_reason(int fd, char *buf, size_t cap)
 		memmove(buf, buf + strlen(p), strlen(buf + strlen(p)) + 1);
 }
 
-/*
- * Mount through fusermount3 with auto_unmount: it sends the /dev/fuse fd
- * and then stays, waiting for its socket to close, and unmounts lazily if
- * the mount is still there then -- our crash cleanup for users who cannot
- * abort a connection (see watcher_start).  The socket becomes
- * mo->watch_fd.  Returns the /dev/fuse fd or -errno.
- */
 /* 'src' as one value of fusermount3's -o: a comma would end the option and
  * a backslash escapes the next character, so both get a backslash
  * (fusermount3 unescapes them, util/fusermount.c).  Returns 0, or
@@ -4106,6 +4093,13 @@ static int mount_opt_escape(const char *src, char *out, size_t cap)
 	return 0;
 }
 
+/*
+ * Mount through fusermount3 with auto_unmount: it sends the /dev/fuse fd
+ * and then stays, waiting for its socket to close, and unmounts lazily if
+ * the mount is still there then -- our crash cleanup for users who cannot
+ * abort a connection (see watcher_start).  The socket becomes
+ * mo->watch_fd.  Returns the /dev/fuse fd or -errno.
+ */
 static int mount_fusermount(struct mount_opts *mo)
 {
 	char opts[2 * PATH_MAX + 512], fsname[2 * PATH_MAX + 1];
